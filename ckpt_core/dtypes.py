@@ -1,0 +1,53 @@
+"""dtype names: safetensors header strings, CLI choices, and the cast rule."""
+
+from __future__ import annotations
+
+import torch
+
+from ckpt_core.errors import CkptError, FormatError
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+}
+DTYPE_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+# "keep" means each tensor keeps its source dtype.
+TARGET_DTYPES: dict[str, torch.dtype | None] = {
+    "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "keep": None,
+}
+
+
+def from_safetensors(name: str, where: str) -> torch.dtype:
+    try:
+        return SAFETENSORS_DTYPES[name]
+    except KeyError:
+        raise FormatError(f"{where}: unknown safetensors dtype {name!r}") from None
+
+
+def to_safetensors(dtype: torch.dtype) -> str:
+    try:
+        return DTYPE_TO_SAFETENSORS[dtype]
+    except KeyError:
+        raise CkptError(f"dtype {dtype} cannot be stored in safetensors") from None
+
+
+def parse_target(name: str) -> torch.dtype | None:
+    try:
+        return TARGET_DTYPES[name]
+    except KeyError:
+        raise CkptError(f"unknown --dtype {name!r}: choose one of {', '.join(TARGET_DTYPES)}") from None
+
+
+def output_dtype(source: torch.dtype, target: torch.dtype | None) -> torch.dtype:
+    """Only floating-point tensors are cast; integer and bool tensors keep their dtype."""
+    if target is None or not source.is_floating_point:
+        return source
+    return target
+
+
+def itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()

@@ -1,0 +1,84 @@
+"""The seam every format implements: a lazy index of tensors, read one at a time."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from ckpt_core.dtypes import itemsize
+from ckpt_core.storage import Location
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What is known of a tensor without reading its data."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        count = 1
+        for dim in self.shape:
+            count *= dim
+        return count
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * itemsize(self.dtype)
+
+
+@dataclass(frozen=True)
+class OpenOptions:
+    """Per-format reading options; formats ignore what does not concern them."""
+
+    tag: str | None = None  # DeepSpeed: checkpoint tag instead of `latest`
+    exclude_frozen: bool = False  # DeepSpeed: leave frozen parameters out
+
+
+@dataclass
+class SourceFacts:
+    """What a reader found out about its input, for the manifest and the report."""
+
+    format: str
+    files: list[str]  # relative paths of the files the tensors come from
+    notes: list[str] = field(default_factory=list)
+
+
+@runtime_checkable
+class Reader(Protocol):
+    """An opened checkpoint. Readers are thread-safe: `read` may run in parallel."""
+
+    root: Location
+
+    def index(self) -> Mapping[str, TensorInfo]:
+        """Every tensor, in the checkpoint's own order; no tensor data is read."""
+        ...
+
+    def read(self, name: str) -> torch.Tensor:
+        """Materialise one tensor on the CPU, contiguous, in its stored dtype."""
+        ...
+
+    def facts(self) -> SourceFacts: ...
+
+    def asset_dirs(self) -> list[Location]:
+        """Directories to look in for config/tokenizer/processor files, best first."""
+        ...
+
+
+class Format(Protocol):
+    """One on-disk layout: recognises it and opens it."""
+
+    name: str
+    # Lower runs first in detection; specific layouts before generic ones.
+    priority: int
+
+    def detect(self, root: Location) -> bool:
+        """Cheap: a listing and at most a few small reads."""
+        ...
+
+    def open(self, root: Location, options: OpenOptions) -> Reader: ...
