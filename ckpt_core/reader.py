@@ -38,6 +38,9 @@ class OpenOptions:
 
     tag: str | None = None  # DeepSpeed: checkpoint tag instead of `latest`
     exclude_frozen: bool = False  # DeepSpeed: leave frozen parameters out
+    base: str | None = None  # URL of a base HF model dir (config for strict key checks, TP roles)
+    parallel_size: int | None = None  # tensor-parallel rank files: expected rank count
+    allow_missing: tuple[str, ...] = ()  # fnmatch patterns of model keys allowed to be absent
 
 
 @dataclass
