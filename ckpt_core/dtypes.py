@@ -7,17 +7,30 @@ import torch
 from ckpt_core.errors import CkptError, FormatError
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
 }
 DTYPE_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 # "keep" means each tensor keeps its source dtype.
 TARGET_DTYPES: dict[str, torch.dtype | None] = {
-    "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "keep": None,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp32": torch.float32,
+    "keep": None,
 }
 
 
@@ -39,7 +52,9 @@ def parse_target(name: str) -> torch.dtype | None:
     try:
         return TARGET_DTYPES[name]
     except KeyError:
-        raise CkptError(f"unknown --dtype {name!r}: choose one of {', '.join(TARGET_DTYPES)}") from None
+        raise CkptError(
+            f"unknown --dtype {name!r}: choose one of {', '.join(TARGET_DTYPES)}"
+        ) from None
 
 
 def output_dtype(source: torch.dtype, target: torch.dtype | None) -> torch.dtype:

@@ -34,7 +34,9 @@ def get_format(name: str) -> Format:
     for fmt in formats():
         if fmt.name == name:
             return fmt
-    raise FormatError(f"unknown format {name!r}: known formats are {', '.join(f.name for f in formats())}")
+    raise FormatError(
+        f"unknown format {name!r}: known formats are {', '.join(f.name for f in formats())}"
+    )
 
 
 def detect(url: str) -> Format:
@@ -51,6 +53,8 @@ def detect(url: str) -> Format:
     )
 
 
-def open_reader(url: str, options: OpenOptions | None = None, format_name: str | None = None) -> Reader:
+def open_reader(
+    url: str, options: OpenOptions | None = None, format_name: str | None = None
+) -> Reader:
     fmt = get_format(format_name) if format_name else detect(url)
     return fmt.open(Location(url), options or OpenOptions())

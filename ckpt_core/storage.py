@@ -54,7 +54,9 @@ class Location:
         """Names directly below this directory (files and folders)."""
         if not self.fs.isdir(self.path):
             return []
-        return sorted(posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.path, detail=False))
+        return sorted(
+            posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.path, detail=False)
+        )
 
     def size(self, relative: str) -> int:
         return int(self.fs.size(self.file(relative)))
@@ -65,6 +67,21 @@ class Location:
     def read_bytes(self, relative: str, start: int | None = None, end: int | None = None) -> bytes:
         """One ranged read: a GET with a Range header on object stores, seek+read locally."""
         return bytes(self.fs.cat_file(self.file(relative), start=start, end=end))
+
+    def read_into(self, relative: str, start: int, buffer: memoryview) -> None:
+        """Fill `buffer` from byte `start` of a file: one copy, no intermediate bytes object."""
+        with self.fs.open(self.file(relative), "rb") as handle:
+            handle.seek(start)
+            view = buffer.cast("B")
+            filled = 0
+            while filled < len(view):
+                count = handle.readinto(view[filled:])
+                if not count:
+                    raise FormatError(
+                        f"{self.file(relative)}: file ends at byte {start + filled}, "
+                        f"expected {len(view) - filled} more bytes (truncated?)"
+                    )
+                filled += count
 
     def read_text(self, relative: str) -> str:
         return self.read_bytes(relative).decode("utf-8")

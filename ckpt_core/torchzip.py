@@ -1,0 +1,336 @@
+"""A lazy, safe index of any torch.save (zip) file: no storage is loaded, no code is run.
+
+The pickle in `data.pkl` is replayed by an unpickler that only knows an explicit
+allow-list of globals, each mapped to a harmless stand-in; tensors come out as
+`LazyTensor` references (storage record, dtype, offset, shape, stride) and each is
+materialised later by one ranged read of its bytes. The same works on a torch.save
+blob embedded at an offset in a larger file (DCP's .distcp) and on any fsspec file.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import struct
+import zipfile
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ckpt_core.dtypes import itemsize
+from ckpt_core.errors import FormatError, UnsafeFileError
+from ckpt_core.storage import Location
+
+_LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")  # zip local file header, 30 bytes
+
+
+@dataclass(frozen=True)
+class StorageType:
+    """Stands in for `torch.FloatStorage` & co. in a pickle: only its dtype matters."""
+
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class StorageRef:
+    key: str
+    dtype: torch.dtype
+    numel: int
+
+
+class LazyTensor:
+    """A tensor inside a torch.save file, known by where its bytes are."""
+
+    def __init__(
+        self,
+        source: LazyTorchFile,
+        storage: StorageRef,
+        storage_offset: int,
+        shape: tuple[int, ...],
+        stride: tuple[int, ...],
+    ) -> None:
+        self.source = source
+        self.storage = storage
+        self.storage_offset = storage_offset
+        self.shape = shape
+        self.stride = stride
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.storage.dtype
+
+    @property
+    def numel(self) -> int:
+        count = 1
+        for dim in self.shape:
+            count *= dim
+        return count
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * itemsize(self.dtype)
+
+    def _span_elements(self) -> int:
+        """Elements from storage_offset to the last element this view touches, inclusive."""
+        if self.numel == 0:
+            return 0
+        return 1 + sum(
+            (size - 1) * step for size, step in zip(self.shape, self.stride, strict=True)
+        )
+
+    def is_contiguous(self) -> bool:
+        expected = 1
+        for size, step in zip(reversed(self.shape), reversed(self.stride), strict=True):
+            if size != 1 and step != expected:
+                return False
+            expected *= size
+        return True
+
+    def materialize(self) -> torch.Tensor:
+        span = self._span_elements()
+        if self.storage_offset + span > self.storage.numel:
+            raise FormatError(
+                f"{self.source.where}: tensor view exceeds its storage {self.storage.key!r} "
+                f"({self.storage_offset}+{span} > {self.storage.numel} elements)"
+            )
+        flat = torch.empty(span, dtype=self.dtype)
+        if span:
+            start = self.source.record_offset(self.storage.key) + self.storage_offset * itemsize(
+                self.dtype
+            )
+            self.source.read_into(start, flat)
+        if self.is_contiguous():
+            return flat.reshape(self.shape)
+        return torch.as_strided(flat, self.shape, self.stride).contiguous()
+
+    def __repr__(self) -> str:
+        return f"LazyTensor({self.dtype}, {list(self.shape)}, {self.source.where})"
+
+
+def _storage_types() -> dict[tuple[str, str], Any]:
+    names = {
+        "FloatStorage": torch.float32,
+        "DoubleStorage": torch.float64,
+        "HalfStorage": torch.float16,
+        "BFloat16Storage": torch.bfloat16,
+        "LongStorage": torch.int64,
+        "IntStorage": torch.int32,
+        "ShortStorage": torch.int16,
+        "CharStorage": torch.int8,
+        "ByteStorage": torch.uint8,
+        "BoolStorage": torch.bool,
+        "UntypedStorage": torch.uint8,
+        "Float8_e4m3fnStorage": torch.float8_e4m3fn,
+        "Float8_e5m2Storage": torch.float8_e5m2,
+    }
+    return {("torch", name): StorageType(dtype) for name, dtype in names.items()}
+
+
+def _dtype_globals() -> dict[tuple[str, str], Any]:
+    return {
+        ("torch", name): value
+        for name in dir(torch)
+        if isinstance(value := getattr(torch, name, None), torch.dtype)
+    }
+
+
+class LazyTorchFile:
+    """One torch.save archive (a whole file, or a blob at [start, start+length) of a file)."""
+
+    def __init__(
+        self,
+        root: Location,
+        relative: str,
+        *,
+        start: int = 0,
+        length: int | None = None,
+        extra_globals: Mapping[tuple[str, str], Any] | None = None,
+    ) -> None:
+        self.root = root
+        self.relative = relative
+        self.start = start
+        self.where = root.file(relative) + (f"@{start}" if start else "")
+        self._length = length if length is not None else root.size(relative) - start
+        self._records: dict[str, int] = {}  # record name -> data offset in the window
+        self._sizes: dict[str, int] = {}
+        self._read_directory()
+        self._globals = self._allowed_globals()
+        if extra_globals:
+            self._globals.update(extra_globals)
+        self.obj = self._unpickle()
+
+    # -- zip directory -------------------------------------------------------------------
+    def _window(self) -> io.BufferedReader:
+        raw = self.root.fs.open(self.root.file(self.relative), "rb")
+        return io.BufferedReader(_Window(raw, self.start, self._length), buffer_size=1 << 16)
+
+    def _read_directory(self) -> None:
+        try:
+            with self._window() as handle, zipfile.ZipFile(handle) as archive:
+                for info in archive.infolist():
+                    if info.compress_type != zipfile.ZIP_STORED:
+                        raise FormatError(
+                            f"{self.where}: record {info.filename} is compressed; torch.save never compresses"
+                        )
+                    handle.seek(info.header_offset)
+                    fields = _LOCAL_HEADER.unpack(handle.read(_LOCAL_HEADER.size))
+                    if fields[0] != b"PK\x03\x04":
+                        raise FormatError(f"{self.where}: bad zip local header for {info.filename}")
+                    data_offset = info.header_offset + _LOCAL_HEADER.size + fields[9] + fields[10]
+                    if data_offset + info.file_size > self._length:
+                        raise FormatError(
+                            f"{self.where}: record {info.filename} runs past the end of the file (truncated?)"
+                        )
+                    self._records[info.filename] = data_offset
+                    self._sizes[info.filename] = info.file_size
+        except zipfile.BadZipFile as e:
+            raise FormatError(
+                f"{self.where}: not a torch.save zip archive ({e}); legacy (pre-1.6) torch.save "
+                "files are not supported: re-save with a current torch"
+            ) from e
+        pickles = [
+            name for name in self._records if name.endswith("/data.pkl") or name == "data.pkl"
+        ]
+        if len(pickles) != 1:
+            raise FormatError(f"{self.where}: expected one data.pkl record, found {len(pickles)}")
+        self._prefix = pickles[0][: -len("data.pkl")]
+        byteorder = self._prefix + "byteorder"
+        if byteorder in self._records and self._record_bytes(byteorder) != b"little":
+            raise FormatError(f"{self.where}: big-endian torch.save files are not supported")
+
+    def _record_bytes(self, name: str) -> bytes:
+        offset = self.start + self._records[name]
+        return self.root.read_bytes(self.relative, offset, offset + self._sizes[name])
+
+    def record_offset(self, storage_key: str) -> int:
+        name = f"{self._prefix}data/{storage_key}"
+        if name not in self._records:
+            raise FormatError(f"{self.where}: storage record {name!r} is missing")
+        return self.start + self._records[name]
+
+    def read_into(self, start: int, tensor: torch.Tensor) -> None:
+        self.root.read_into(self.relative, start, memoryview(tensor.view(torch.uint8).numpy()))
+
+    # -- pickle --------------------------------------------------------------------------
+    def _rebuild_tensor(
+        self, storage: StorageRef, storage_offset: int, size: Any, stride: Any, *_: Any
+    ) -> LazyTensor:
+        if not isinstance(storage, StorageRef):
+            raise FormatError(f"{self.where}: tensor without a storage record")
+        return LazyTensor(self, storage, int(storage_offset), tuple(size), tuple(stride))
+
+    def _rebuild_tensor_v3(
+        self,
+        storage: StorageRef,
+        storage_offset: int,
+        size: Any,
+        stride: Any,
+        requires_grad: Any,
+        hooks: Any,
+        dtype: torch.dtype,
+        *_: Any,
+    ) -> LazyTensor:
+        typed = StorageRef(
+            storage.key, dtype, storage.numel * itemsize(storage.dtype) // itemsize(dtype)
+        )
+        return LazyTensor(self, typed, int(storage_offset), tuple(size), tuple(stride))
+
+    def _allowed_globals(self) -> dict[tuple[str, str], Any]:
+        allowed: dict[tuple[str, str], Any] = {
+            ("collections", "OrderedDict"): OrderedDict,
+            ("torch._utils", "_rebuild_tensor_v2"): self._rebuild_tensor,
+            ("torch._utils", "_rebuild_tensor_v3"): self._rebuild_tensor_v3,
+            ("torch._utils", "_rebuild_parameter"): lambda data, *_: data,
+            ("torch._utils", "_rebuild_parameter_with_state"): lambda data, *_: data,
+            ("torch", "Size"): tuple,
+            ("torch", "device"): str,
+            ("builtins", "set"): set,
+            ("builtins", "frozenset"): frozenset,
+        }
+        allowed.update(_storage_types())
+        allowed.update(_dtype_globals())
+        return allowed
+
+    def _unpickle(self) -> Any:
+        owner = self
+
+        class Restricted(pickle.Unpickler):
+            def find_class(self, module: str, name: str) -> Any:
+                try:
+                    return owner._globals[(module, name)]
+                except KeyError:
+                    raise UnsafeFileError(
+                        f"{owner.where}: refused to unpickle global {module}.{name} "
+                        "(not on ckptflow's allow-list; the file may run code when loaded: "
+                        "do not torch.load it with weights_only=False)"
+                    ) from None
+
+            def persistent_load(self, pid: Any) -> Any:
+                if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+                    raise FormatError(f"{owner.where}: unexpected persistent id {pid!r:.80}")
+                _, storage_type, key, _location, numel = pid
+                if not isinstance(storage_type, StorageType):
+                    raise FormatError(f"{owner.where}: unknown storage type {storage_type!r:.80}")
+                return StorageRef(str(key), storage_type.dtype, int(numel))
+
+        data = self._record_bytes(self._prefix + "data.pkl")
+        try:
+            return Restricted(io.BytesIO(data)).load()
+        except (FormatError, UnsafeFileError):
+            raise
+        except Exception as e:  # a malformed pickle: say which file
+            raise FormatError(
+                f"{self.where}: cannot read data.pkl ({type(e).__name__}: {e})"
+            ) from e
+
+
+class _Window(io.RawIOBase):
+    """A read-only view of bytes [start, start+length) of a seekable file."""
+
+    def __init__(self, raw: Any, start: int, length: int) -> None:
+        self._raw = raw
+        self._start = start
+        self._length = length
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        count = min(len(buffer), self._length - self._pos)
+        if count <= 0:
+            return 0
+        self._raw.seek(self._start + self._pos)
+        data = self._raw.read(count)
+        buffer[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+def iter_tensors(obj: Any, prefix: str = "") -> list[tuple[str, LazyTensor]]:
+    """Flatten nested dicts of LazyTensors to dotted names, in insertion order."""
+    found: list[tuple[str, LazyTensor]] = []
+    if isinstance(obj, LazyTensor):
+        found.append((prefix, obj))
+    elif isinstance(obj, Mapping):
+        for key, value in obj.items():
+            found.extend(iter_tensors(value, f"{prefix}.{key}" if prefix else str(key)))
+    return found
