@@ -212,7 +212,7 @@ class LazyTorchFile:
         return self.start + self._records[name]
 
     def read_into(self, start: int, tensor: torch.Tensor) -> None:
-        self.root.read_into(self.relative, start, memoryview(tensor.view(torch.uint8).numpy()))
+        self.root.read_into(self.relative, start, tensor.view(torch.uint8).numpy().data)
 
     # -- pickle --------------------------------------------------------------------------
     def _rebuild_tensor(
