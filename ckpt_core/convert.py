@@ -1,0 +1,272 @@
+"""The convert pipeline as plain steps: plan -> write shards -> index -> assets -> verify -> publish.
+
+Each step takes the small, picklable `ConversionPlan` (URLs and names, never tensors), so the
+CLI runs them in-process and the Prefect flow runs the same functions as tasks.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import torch
+
+from ckpt_core import manifest
+from ckpt_core.assets import AssetSource, find_assets, read_config, tie_word_embeddings
+from ckpt_core.dtypes import itemsize, output_dtype, parse_target
+from ckpt_core.errors import FormatError, KeyMismatchError, VerifyError
+from ckpt_core.plan import SAFETENSORS_INDEX, ShardSpec, index_json, plan_shards
+from ckpt_core.publish import (
+    Target,
+    check_destination,
+    discard,
+    finalize,
+    prepare,
+    refuse_inside,
+    target_for,
+)
+from ckpt_core.reader import OpenOptions, Reader, TensorInfo
+from ckpt_core.registry import detect, get_format
+from ckpt_core.storage import Location
+from ckpt_core.verify import Report, ShardCheck, combine, verify_shard
+from ckpt_core.writer import FileRecord, write_bytes, write_safetensors
+
+OnBytes = Callable[[int], None]
+TIED_HEAD = "lm_head.weight"
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    dtype: str = "bf16"  # bf16 | fp16 | fp32 | keep
+    max_shard_bytes: int = 5 * 10**9
+    base: str | None = None  # HF model dir to take config/tokenizer from when the source has none
+    overwrite: bool = False
+    open_options: OpenOptions = field(default_factory=OpenOptions)
+    format: str | None = None  # force a format instead of detecting it
+
+    def recorded(self) -> dict[str, Any]:
+        """The options as the manifest records them."""
+        values = asdict(self)
+        values.pop("overwrite")
+        return values
+
+
+@dataclass(frozen=True)
+class ConversionPlan:
+    src_url: str
+    format: str
+    options: ConvertOptions
+    target: Target
+    shards: tuple[ShardSpec, ...]
+    dtypes: dict[str, str]  # output name -> output torch dtype name
+    assets: tuple[AssetSource, ...]
+    dropped: tuple[str, ...]
+    source: dict[str, Any]  # url, format, fingerprint, notes: for the manifest
+    warnings: tuple[str, ...]
+    already_done: bool
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.nbytes for s in self.shards)
+
+    @property
+    def tensor_count(self) -> int:
+        return sum(len(s.tensors) for s in self.shards)
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    dst_url: str
+    report: Report | None
+    files: tuple[FileRecord, ...]
+    message: str
+
+
+@lru_cache(maxsize=8)
+def _open(src_url: str, format_name: str, open_options: OpenOptions) -> Reader:
+    """One reader per process and source: tasks of one flow run share its index."""
+    return get_format(format_name).open(Location(src_url), open_options)
+
+
+def reader_for(plan: ConversionPlan) -> Reader:
+    return _open(plan.src_url, plan.format, plan.options.open_options)
+
+
+def plan_conversion(src_url: str, dst_url: str, options: ConvertOptions) -> ConversionPlan:
+    fmt = get_format(options.format) if options.format else detect(src_url)
+    reader = _open(src_url, fmt.name, options.open_options)
+    src, dst = Location(src_url), Location(dst_url)
+    refuse_inside(dst, src, "source checkpoint")
+    asset_dirs = list(reader.asset_dirs())
+    if options.base:
+        refuse_inside(dst, Location(options.base), "base model")
+        asset_dirs.append(Location(options.base))
+    assets = find_assets(asset_dirs)
+    config = read_config(assets)
+    index = dict(reader.index())
+    if not index:
+        raise FormatError(f"{src_url}: the checkpoint holds no tensors")
+    dropped = _tied_names(index, config, src_url)
+    target_dtype = parse_target(options.dtype)
+    out = {
+        n: output_dtype(info.dtype, target_dtype) for n, info in index.items() if n not in dropped
+    }
+
+    def out_bytes(name: str) -> int:
+        return index[name].numel * itemsize(out[name])
+
+    shards = plan_shards(list(out), out_bytes, options.max_shard_bytes)
+    facts = reader.facts()
+    source = {
+        "url": src_url,
+        "format": fmt.name,
+        "fingerprint": manifest.fingerprint(src, facts.files),
+        "notes": list(facts.notes),
+    }
+    target = target_for(dst)
+    done = check_destination(dst, manifest.identity(source, options.recorded()), options.overwrite)
+    warnings = (
+        ()
+        if config
+        else (
+            "no config.json in the source or --base: the output holds weights, index and manifest only; "
+            "pass --base DIR (the HF model the checkpoint was trained from) to add config and tokenizer",
+        )
+    )
+    return ConversionPlan(
+        src_url,
+        fmt.name,
+        options,
+        target,
+        tuple(shards),
+        {n: str(d).removeprefix("torch.") for n, d in out.items()},
+        tuple(assets),
+        tuple(sorted(dropped)),
+        source,
+        warnings,
+        done,
+    )
+
+
+def _tied_names(
+    index: dict[str, TensorInfo], config: dict[str, Any] | None, src_url: str
+) -> set[str]:
+    """transformers does not save a tied lm_head; an untied model must have one."""
+    if config is None:
+        return set()
+    tied = tie_word_embeddings(config)
+    if tied and TIED_HEAD in index:
+        return {TIED_HEAD}
+    if (
+        not tied
+        and TIED_HEAD not in index
+        and any(n.endswith("embed_tokens.weight") for n in index)
+    ):
+        raise KeyMismatchError(
+            f"{src_url}: config.json says tie_word_embeddings=false but the checkpoint has no "
+            f"{TIED_HEAD}; the output would load with a random head"
+        )
+    return set()
+
+
+def start(plan: ConversionPlan) -> str:
+    """Make a clean place to write into; returns its URL."""
+    return prepare(plan.target).url
+
+
+def _produce(plan: ConversionPlan) -> Callable[[str], torch.Tensor]:
+    reader = reader_for(plan)
+
+    def produce(name: str) -> torch.Tensor:
+        return reader.read(name).to(getattr(torch, plan.dtypes[name]))
+
+    return produce
+
+
+def write_shard(
+    plan: ConversionPlan, shard_number: int, on_bytes: OnBytes | None = None
+) -> FileRecord:
+    shard = plan.shards[shard_number]
+    index = reader_for(plan).index()
+    layout = [(n, getattr(torch, plan.dtypes[n]), index[n].shape) for n in shard.tensors]
+    return write_safetensors(
+        Location(plan.target.work_url), shard.filename, layout, _produce(plan), on_bytes
+    )
+
+
+def write_index(plan: ConversionPlan) -> list[FileRecord]:
+    index = index_json(plan.shards)
+    if index is None:
+        return []
+    data = (json.dumps(index, indent=2, sort_keys=True) + "\n").encode()
+    return [write_bytes(Location(plan.target.work_url), SAFETENSORS_INDEX, data)]
+
+
+def copy_assets(plan: ConversionPlan) -> list[FileRecord]:
+    work = Location(plan.target.work_url)
+    return [write_bytes(work, a.name, Location(a.url).read_bytes(a.name)) for a in plan.assets]
+
+
+def verify_one(
+    plan: ConversionPlan, shard_number: int, on_bytes: OnBytes | None = None
+) -> ShardCheck:
+    return verify_shard(
+        Location(plan.target.work_url), plan.shards[shard_number], _produce(plan), on_bytes
+    )
+
+
+def report(plan: ConversionPlan, checks: Sequence[ShardCheck], other_files: int) -> Report:
+    notes = list(plan.source["notes"]) + list(plan.warnings)
+    return combine(checks, other_files, plan.dropped, notes)
+
+
+def publish(plan: ConversionPlan, files: Sequence[FileRecord], result: Report) -> ConvertResult:
+    """Manifest and marker, then into place; a failed verification publishes nothing."""
+    if not result.ok:
+        discard(plan.target)
+        raise VerifyError(
+            f"{plan.target.dst_url}: {len(result.mismatches)} tensors differ from the source after "
+            f"writing ({', '.join(result.mismatches[:5])}); nothing was published"
+        )
+    summary = {
+        "tensors": result.tensors,
+        "tensor_bytes": result.tensor_bytes,
+        "dtypes": result.dtypes,
+        "dropped": list(result.dropped),
+    }
+    data = manifest.build(plan.source, plan.options.recorded(), files, summary)
+    record = write_bytes(Location(plan.target.work_url), manifest.MANIFEST, data)
+    finalize(plan.target)
+    return ConvertResult(
+        plan.target.dst_url, result, (*files, record), f"published {plan.target.dst_url}"
+    )
+
+
+def convert(
+    src_url: str,
+    dst_url: str,
+    options: ConvertOptions | None = None,
+    on_bytes: OnBytes | None = None,
+    workers: int = 2,
+) -> ConvertResult:
+    """The whole pipeline in this process; shards are written and verified on a thread pool."""
+    plan = plan_conversion(src_url, dst_url, options or ConvertOptions())
+    if plan.already_done:
+        return ConvertResult(
+            dst_url, None, (), f"{dst_url} already holds this conversion: nothing to do"
+        )
+    start(plan)
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            numbers = range(len(plan.shards))
+            files = list(pool.map(lambda i: write_shard(plan, i, on_bytes), numbers))
+            files += write_index(plan) + copy_assets(plan)
+            checks = list(pool.map(lambda i: verify_one(plan, i, on_bytes), numbers))
+        return publish(plan, files, report(plan, checks, len(files) - len(checks)))
+    except BaseException:
+        discard(plan.target)
+        raise

@@ -1,0 +1,63 @@
+"""manifest.json: per file size and sha256, the source's fingerprint, the options, the version.
+No timestamps, so the same conversion always writes the same bytes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from ckpt_core import __version__
+from ckpt_core.storage import Location
+from ckpt_core.writer import FileRecord
+
+MANIFEST = "manifest.json"
+SUCCESS = "_SUCCESS"
+_CHANGE_KEYS = ("mtime", "ETag", "etag", "LastModified", "created")
+
+
+def fingerprint(root: Location, files: Sequence[str]) -> str:
+    """Names, sizes and modification stamps of the source files: cheap, and changes when they do."""
+    parts = []
+    for name in sorted(files):
+        info = root.info(name)
+        stamp = next((str(info[k]) for k in _CHANGE_KEYS if k in info), "")
+        parts.append([name, int(info.get("size") or 0), stamp])
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+def identity(source: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    """What makes two conversions the same conversion, as it reads back from JSON."""
+    same = {"source": {k: source[k] for k in ("url", "format", "fingerprint")}, "options": options}
+    return dict(json.loads(json.dumps(same)))
+
+
+def build(
+    source: dict[str, Any],
+    options: dict[str, Any],
+    files: Sequence[FileRecord],
+    report: dict[str, Any],
+) -> bytes:
+    manifest = {
+        "ckptflow_version": __version__,
+        "source": source,
+        "options": options,
+        "files": {
+            r.name: {"size": r.size_bytes, "sha256": r.sha256}
+            for r in sorted(files, key=lambda r: r.name)
+        },
+        "report": report,
+    }
+    return (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+
+
+def read_published(root: Location) -> dict[str, Any] | None:
+    """The manifest of a complete publication (marker present), else None."""
+    if not (root.exists(SUCCESS) and root.exists(MANIFEST)):
+        return None
+    try:
+        parsed = json.loads(root.read_text(MANIFEST))
+    except json.JSONDecodeError:
+        return None
+    return parsed if isinstance(parsed, dict) else None

@@ -1,0 +1,48 @@
+"""Pure shard planning: names and byte sizes in, file names out (no IO, plain ints in tests)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from huggingface_hub.serialization import split_state_dict_into_shards_factory
+
+SAFETENSORS_PATTERN = "model{suffix}.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    filename: str
+    tensors: tuple[str, ...]  # output names, in file order
+    nbytes: int
+
+
+def plan_shards(
+    names: Sequence[str],
+    size_of: Callable[[str], int],
+    max_shard_bytes: int,
+    filename_pattern: str = SAFETENSORS_PATTERN,
+) -> list[ShardSpec]:
+    """huggingface_hub's own splitter (greedy in key order, oversize tensors alone), sizes injected."""
+    # Values are 1-tuples: the splitter skips plain strings (its bnb special case).
+    split = split_state_dict_into_shards_factory(
+        {name: (name,) for name in names},
+        get_storage_size=lambda key: size_of(key[0]),
+        filename_pattern=filename_pattern,
+        max_shard_size=max_shard_bytes,
+    )
+    return [
+        ShardSpec(filename, tuple(tensors), sum(size_of(t) for t in tensors))
+        for filename, tensors in split.filename_to_tensors.items()
+    ]
+
+
+def index_json(shards: Sequence[ShardSpec]) -> dict[str, object] | None:
+    """The HF index for a sharded output; None when one file holds everything."""
+    if len(shards) <= 1:
+        return None
+    return {
+        "metadata": {"total_size": sum(s.nbytes for s in shards)},
+        "weight_map": {name: shard.filename for shard in shards for name in sorted(shard.tensors)},
+    }

@@ -1,0 +1,123 @@
+"""Verification: every written tensor re-read and compared, bit for bit, with its source tensor
+after the same cast. The report is small and plain, for the CLI and the flow's artifact."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ckpt_core.dtypes import to_safetensors
+from ckpt_core.errors import FormatError
+from ckpt_core.plan import ShardSpec
+from ckpt_core.safetensors_header import read_header, read_tensor
+from ckpt_core.storage import Location
+from ckpt_core.units import format_bytes
+
+
+@dataclass(frozen=True)
+class ShardCheck:
+    filename: str
+    tensors: int
+    tensor_bytes: int
+    dtypes: dict[str, int]
+    mismatches: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Report:
+    files: int
+    tensors: int
+    tensor_bytes: int
+    dtypes: dict[str, int]
+    mismatches: tuple[str, ...]
+    dropped: tuple[str, ...] = ()
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatches
+
+    def rows(self) -> list[dict[str, str]]:
+        rows = [
+            {"item": "verdict", "value": "OK: identical to the source" if self.ok else "FAILED"},
+            {"item": "files", "value": str(self.files)},
+            {"item": "tensors", "value": str(self.tensors)},
+            {
+                "item": "tensor bytes",
+                "value": f"{self.tensor_bytes} ({format_bytes(self.tensor_bytes)})",
+            },
+            {
+                "item": "dtypes",
+                "value": ", ".join(f"{k}: {v}" for k, v in sorted(self.dtypes.items())),
+            },
+            {"item": "mismatches", "value": ", ".join(self.mismatches) or "none"},
+        ]
+        if self.dropped:
+            rows.append({"item": "left out (tied)", "value": ", ".join(self.dropped)})
+        rows.extend({"item": "note", "value": note} for note in self.notes)
+        return rows
+
+    def markdown(self) -> str:
+        lines = ["| item | value |", "| --- | --- |"]
+        lines += [f"| {r['item']} | {r['value']} |" for r in self.rows()]
+        return "\n".join(lines)
+
+    def text(self) -> str:
+        width = max(len(r["item"]) for r in self.rows())
+        return "\n".join(f"  {r['item']:<{width}}  {r['value']}" for r in self.rows())
+
+
+def verify_shard(
+    root: Location,
+    shard: ShardSpec,
+    expected: Callable[[str], torch.Tensor],
+    on_bytes: Callable[[int], None] | None = None,
+) -> ShardCheck:
+    """Compare a written shard with `expected(name)`: the source tensor after the same cast."""
+    header = read_header(root, shard.filename)
+    if set(header.entries) != set(shard.tensors):
+        raise FormatError(f"{root.file(shard.filename)}: holds other tensors than planned")
+    if header.metadata.get("format") != "pt":
+        raise FormatError(f"{root.file(shard.filename)}: __metadata__.format is not 'pt'")
+    mismatches: list[str] = []
+    dtypes: Counter[str] = Counter()
+    total = 0
+    for name in shard.tensors:
+        entry = header.entries[name]
+        written = read_tensor(root, shard.filename, entry)
+        source = expected(name)
+        if not _identical(written, source):
+            mismatches.append(name)
+        dtypes[to_safetensors(written.dtype)] += 1
+        total += entry.end - entry.begin
+        if on_bytes:
+            on_bytes(entry.end - entry.begin)
+    return ShardCheck(shard.filename, len(shard.tensors), total, dict(dtypes), tuple(mismatches))
+
+
+def _identical(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(
+        a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8)
+    )
+
+
+def combine(
+    checks: Sequence[ShardCheck], extra_files: int, dropped: Sequence[str], notes: Sequence[str]
+) -> Report:
+    dtypes: Counter[str] = Counter()
+    for check in checks:
+        dtypes.update(check.dtypes)
+    return Report(
+        files=len(checks) + extra_files,
+        tensors=sum(c.tensors for c in checks),
+        tensor_bytes=sum(c.tensor_bytes for c in checks),
+        dtypes=dict(dtypes),
+        mismatches=tuple(m for c in checks for m in c.mismatches),
+        dropped=tuple(dropped),
+        notes=tuple(notes),
+    )
