@@ -1,0 +1,345 @@
+"""torch Distributed Checkpoint (DCP) directories: `.metadata` + `__{rank}_{n}.distcp` files.
+
+`.metadata` is a pickled `Metadata`. It is replayed by a restricted unpickler in which every
+DCP class it names is a stand-in that only records its fields (`Recorded`): the real
+dataclasses would most likely be harmless too, but TensorProperties and _StorageInfo run
+their own `__setstate__`, the module layout is private and moves between torch releases, and
+importing torch.distributed.checkpoint costs seconds; a recorder runs no code whatever the
+file says. Each tensor is then assembled chunk by chunk: a chunk is a torch.save blob at
+(relative_path, offset, length) inside a .distcp file, read lazily by `LazyTorchFile` and
+copied into the output at its offsets, so one tensor (plus one chunk) is in memory at a time.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ckpt_core.errors import FormatError, UnsafeFileError
+from ckpt_core.reader import OpenOptions, Reader, SourceFacts, TensorInfo
+from ckpt_core.registry import register
+from ckpt_core.storage import Location, safe_relative
+from ckpt_core.torchzip import LazyTensor, LazyTorchFile
+
+METADATA = ".metadata"
+
+
+class Recorded:
+    """A pickle stand-in: keeps its constructor arguments and pickled state, runs nothing."""
+
+    args: tuple[Any, ...] = ()
+    state: Any = None
+
+    def __init__(self, *args: Any) -> None:
+        self.args = args
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def field(self, name: str, default: Any = None) -> Any:
+        """A dataclass field from the pickled state (a dict, or (dict, slots) for slotted ones)."""
+        state = self.state
+        if isinstance(state, tuple) and len(state) == 2:
+            merged: dict[str, Any] = {}
+            for part in state:
+                if isinstance(part, dict):
+                    merged.update(part)
+            state = merged
+        if isinstance(state, dict):
+            return state.get(name, default)
+        return default
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(args={self.args!r:.60}, state={self.state!r:.120})"
+
+
+def stand_in(name: str) -> type[Recorded]:
+    """A fresh Recorded subclass named like the class it replaces (for messages and isinstance)."""
+    return type(name, (Recorded,), {})
+
+
+def _path_stand_in(*parts: Any) -> str:
+    # StorageMeta.checkpoint_id is a pathlib path: only its text is of interest.
+    return "/".join(str(p) for p in parts)
+
+
+_DCP = "torch.distributed.checkpoint.metadata"
+_CLASSES = {
+    name: stand_in(name)
+    for name in (
+        "Metadata",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "TensorProperties",
+        "MetadataIndex",
+        "StorageMeta",
+        "_MEM_FORMAT_ENCODING",
+        "_StorageInfo",
+    )
+}
+
+
+def metadata_globals() -> dict[tuple[str, str], Any]:
+    allowed: dict[tuple[str, str], Any] = {
+        (_DCP, name): cls for name, cls in _CLASSES.items() if name != "_StorageInfo"
+    }
+    allowed[("torch.distributed.checkpoint.filesystem", "_StorageInfo")] = _CLASSES["_StorageInfo"]
+    allowed[("torch", "Size")] = tuple
+    allowed[("torch.serialization", "_get_layout")] = str
+    allowed[("collections", "OrderedDict")] = dict
+    for cls in ("PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"):
+        allowed[("pathlib", cls)] = _path_stand_in
+    for name in dir(torch):
+        if isinstance(value := getattr(torch, name, None), torch.dtype):
+            allowed[("torch", name)] = value
+    return allowed
+
+
+def restricted_load(data: bytes, where: str, allowed: Mapping[tuple[str, str], Any]) -> Any:
+    class Restricted(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            try:
+                return allowed[(module, name)]
+            except KeyError:
+                raise UnsafeFileError(
+                    f"{where}: refused to unpickle global {module}.{name} (not on ckptflow's "
+                    "allow-list for this format; the file may run code when loaded)"
+                ) from None
+
+        def persistent_load(self, pid: Any) -> Any:
+            raise FormatError(f"{where}: unexpected persistent id {pid!r:.80}")
+
+    try:
+        return Restricted(io.BytesIO(data)).load()
+    except (FormatError, UnsafeFileError):
+        raise
+    except Exception as e:
+        raise FormatError(f"{where}: cannot read the pickle ({type(e).__name__}: {e})") from e
+
+
+# -- boxes: which part of a tensor a chunk or a rank piece covers -----------------------------
+Box = tuple[tuple[int, ...], tuple[int, ...]]  # (offsets, sizes)
+
+
+def check_cover(where: str, shape: Sequence[int], boxes: Sequence[Box], duplicates: bool) -> None:
+    """The boxes tile `shape` exactly: inside it, no partial overlaps, no gaps.
+
+    Identical boxes are an overlap unless `duplicates` (replicated pieces, compared elsewhere).
+    """
+    unique: list[Box] = []
+    for offsets, sizes in boxes:
+        if len(offsets) != len(shape) or len(sizes) != len(shape):
+            raise FormatError(f"{where}: piece rank {len(offsets)} != tensor rank {len(shape)}")
+        if any(o < 0 or s < 0 or o + s > d for o, s, d in zip(offsets, sizes, shape, strict=True)):
+            raise FormatError(
+                f"{where}: piece at {list(offsets)} of size {list(sizes)} lies outside {list(shape)}"
+            )
+        box = (tuple(offsets), tuple(sizes))
+        if box in unique:
+            if duplicates:
+                continue
+            raise FormatError(f"{where}: two pieces cover {list(offsets)} (size {list(sizes)})")
+        for other in unique:
+            if _intersects(box, other):
+                raise FormatError(f"{where}: pieces at {list(box[0])} and {list(other[0])} overlap")
+        unique.append(box)
+    covered = sum(_volume(sizes) for _, sizes in unique)
+    if covered != _volume(shape):
+        raise FormatError(
+            f"{where}: pieces cover {covered} of {_volume(shape)} elements (a chunk or rank is missing)"
+        )
+
+
+def _volume(sizes: Sequence[int]) -> int:
+    count = 1
+    for size in sizes:
+        count *= size
+    return count
+
+
+def _intersects(a: Box, b: Box) -> bool:
+    if _volume(a[1]) == 0 or _volume(b[1]) == 0:
+        return False
+    return all(
+        ao < bo + bs and bo < ao + as_
+        for ao, as_, bo, bs in zip(a[0], a[1], b[0], b[1], strict=True)
+    )
+
+
+def region(box: Box) -> tuple[slice, ...]:
+    return tuple(slice(o, o + s) for o, s in zip(box[0], box[1], strict=True))
+
+
+# -- the reader -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Chunk:
+    box: Box
+    relative: str
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class _Entry:
+    fqn: str  # name in the checkpoint, before stripping the top key
+    info: TensorInfo
+    chunks: tuple[_Chunk, ...]
+
+
+class DcpReader:
+    def __init__(self, root: Location) -> None:
+        self.root = root
+        where = root.file(METADATA)
+        meta = restricted_load(root.read_bytes(METADATA), where, metadata_globals())
+        if not isinstance(meta, _CLASSES["Metadata"]):
+            raise FormatError(f"{where}: not a DCP Metadata pickle (found {type(meta).__name__})")
+        tensors_md: Mapping[str, Any] = meta.field("state_dict_metadata") or {}
+        storage: Mapping[Any, Any] = meta.field("storage_data") or {}
+        planner: Mapping[str, Any] = meta.field("planner_data") or {}
+        self._notes: list[str] = []
+        locations = self._storage_map(storage, where)
+        names = self._names(list(tensors_md), planner)
+        self._entries: dict[str, _Entry] = {}
+        skipped_bytes: list[str] = []
+        for fqn, md in tensors_md.items():
+            if fqn not in names:
+                continue
+            if not isinstance(md, _CLASSES["TensorStorageMetadata"]):
+                skipped_bytes.append(fqn)
+                continue
+            entry = self._entry(fqn, names[fqn], md, locations, where)
+            self._entries[entry.info.name] = entry
+        if skipped_bytes:
+            self._notes.append(
+                f"ignored {len(skipped_bytes)} non-tensor (bytes) entries: "
+                + ", ".join(sorted(skipped_bytes)[:8])
+            )
+        if not self._entries:
+            raise FormatError(f"{where}: the checkpoint holds no tensors")
+        files = {c.relative for e in self._entries.values() for c in e.chunks}
+        self._files = [METADATA, *sorted(files)]
+
+    @staticmethod
+    def _storage_map(
+        storage: Mapping[Any, Any], where: str
+    ) -> dict[tuple[str, tuple[int, ...]], _Chunk]:
+        found: dict[tuple[str, tuple[int, ...]], _Chunk] = {}
+        for index, info in storage.items():
+            if not isinstance(index, _CLASSES["MetadataIndex"]) or not isinstance(
+                info, _CLASSES["_StorageInfo"]
+            ):
+                raise FormatError(f"{where}: unexpected storage_data entry {index!r:.80}")
+            if info.field("transform_descriptors"):
+                raise FormatError(
+                    f"{where}: {index.field('fqn')} is stored with transforms "
+                    f"{info.field('transform_descriptors')} (e.g. compression), which ckptflow "
+                    "does not read; save the checkpoint without storage extensions"
+                )
+            relative = safe_relative(str(info.field("relative_path")), where)
+            offsets = tuple(int(x) for x in (index.field("offset") or ()))
+            found[(str(index.field("fqn")), offsets)] = _Chunk(
+                ((), ()), relative, int(info.field("offset")), int(info.field("length"))
+            )
+        return found
+
+    def _names(self, fqns: list[str], planner: Mapping[str, Any]) -> dict[str, str]:
+        """Checkpoint fqn -> reported name: the single top-level key (`model`) is stripped."""
+
+        def path_of(fqn: str) -> tuple[str, ...]:
+            path = planner.get(fqn)
+            if isinstance(path, (tuple, list)) and path:
+                return tuple(str(p) for p in path)
+            head, _, rest = fqn.partition(".")
+            return (head, rest) if rest else (head,)
+
+        paths = {fqn: path_of(fqn) for fqn in fqns}
+        tops = sorted({p[0] for p in paths.values()})
+        if len(tops) == 1 and all(len(p) > 1 for p in paths.values()):
+            self._notes.append(f"stripped the single top-level key {tops[0]!r} from every name")
+            return {fqn: ".".join(p[1:]) for fqn, p in paths.items()}
+        if len(tops) > 1 and "model" in tops:
+            self._notes.append(
+                "read only the top-level key 'model' (stripped from names); ignored "
+                + ", ".join(repr(t) for t in tops if t != "model")
+            )
+            return {
+                fqn: ".".join(p[1:]) for fqn, p in paths.items() if p[0] == "model" and len(p) > 1
+            }
+        return {fqn: fqn for fqn in fqns}
+
+    def _entry(
+        self,
+        fqn: str,
+        name: str,
+        md: Recorded,
+        locations: Mapping[tuple[str, tuple[int, ...]], _Chunk],
+        where: str,
+    ) -> _Entry:
+        props = md.field("properties")
+        dtype = props.state[0] if props is not None and isinstance(props.state, tuple) else None
+        if not isinstance(dtype, torch.dtype):
+            dtype = props.field("dtype") if props is not None else None
+        if not isinstance(dtype, torch.dtype):
+            raise FormatError(f"{where}: tensor {fqn} has no dtype in its properties")
+        shape = tuple(int(x) for x in md.field("size"))
+        chunks = []
+        for chunk_md in md.field("chunks") or ():
+            offsets = tuple(int(x) for x in chunk_md.field("offsets"))
+            sizes = tuple(int(x) for x in chunk_md.field("sizes"))
+            try:
+                loc = locations[(fqn, offsets)]
+            except KeyError:
+                raise FormatError(
+                    f"{where}: tensor {fqn}: chunk at {list(offsets)} has no storage entry"
+                ) from None
+            chunks.append(_Chunk((offsets, sizes), loc.relative, loc.offset, loc.length))
+        check_cover(f"{where}: tensor {fqn}", shape, [c.box for c in chunks], duplicates=False)
+        return _Entry(fqn, TensorInfo(name, dtype, shape), tuple(chunks))
+
+    def index(self) -> Mapping[str, TensorInfo]:
+        return {name: entry.info for name, entry in self._entries.items()}
+
+    def read(self, name: str) -> torch.Tensor:
+        try:
+            entry = self._entries[name]
+        except KeyError:
+            raise KeyError(f"{self.root.url}: no tensor {name!r} in the DCP checkpoint") from None
+        out = torch.empty(entry.info.shape, dtype=entry.info.dtype)
+        for chunk in entry.chunks:
+            blob = LazyTorchFile(self.root, chunk.relative, start=chunk.offset, length=chunk.length)
+            lazy = blob.obj
+            if not isinstance(lazy, LazyTensor):
+                raise FormatError(f"{blob.where}: chunk of {entry.fqn} is not a tensor")
+            if tuple(lazy.shape) != chunk.box[1] or lazy.dtype != entry.info.dtype:
+                raise FormatError(
+                    f"{blob.where}: chunk of {entry.fqn} is {lazy.dtype} {list(lazy.shape)}, "
+                    f"metadata says {entry.info.dtype} {list(chunk.box[1])}"
+                )
+            out[region(chunk.box)] = lazy.materialize()
+        return out
+
+    def facts(self) -> SourceFacts:
+        return SourceFacts("dcp", list(self._files), list(self._notes))
+
+    def asset_dirs(self) -> list[Location]:
+        return [self.root]
+
+
+class DcpFormat:
+    name = "dcp"
+    priority = 20
+
+    def detect(self, root: Location) -> bool:
+        return root.isdir() and root.exists(METADATA)
+
+    def open(self, root: Location, options: OpenOptions) -> Reader:
+        return DcpReader(root)
+
+
+register(DcpFormat())

@@ -1,0 +1,349 @@
+"""FSDP per-rank state dict files: verl `model_world_size_{W}_rank_{r}.pt`, BAGEL `model_rank{r:05d}.pt`.
+
+Each file is `torch.save(model.state_dict())` on one rank; under FSDP2 the values are DTensors.
+The pickles are replayed with stand-ins for exactly the classes a DTensor pickle names (the
+list below comes from real FSDP2 files written by torch 2.13), so nothing runs; each DTensor
+becomes a `DTensorRef` (its placements, mesh coordinate, global shape and a LazyTensor for the
+local piece). A tensor is merged by placement: Shard(d) pieces are placed at their offsets on
+dim d (torch.chunk sizes, so an uneven last shard is handled), Replicate pieces must agree.
+Plain tensors are replicated (every rank holds the whole tensor): they are compared, never
+concatenated. Each merged tensor is materialised from its rank pieces by ranged reads.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ckpt_core.errors import FormatError, KeyMismatchError, clip
+from ckpt_core.formats.dcp import Box, Recorded, check_cover, region, stand_in
+from ckpt_core.reader import OpenOptions, Reader, SourceFacts, TensorInfo
+from ckpt_core.registry import register
+from ckpt_core.storage import Location
+from ckpt_core.torchzip import LazyTensor, LazyTorchFile
+
+VERL = re.compile(r"^model_world_size_(\d+)_rank_(\d+)\.pt$")
+BAGEL = re.compile(r"^model_rank(\d{5})\.pt$")
+BAGEL_EMA = re.compile(r"^ema_rank(\d{5})\.pt$")
+
+_Shard = stand_in("Shard")
+_StridedShard = stand_in("_StridedShard")
+_Replicate = stand_in("Replicate")
+_Partial = stand_in("Partial")
+_DeviceMesh = stand_in("DeviceMesh")
+_DTensorSpec = stand_in("DTensorSpec")
+
+
+class _DTensorClass:
+    """Stands in for the DTensor class object a pickle passes around; never instantiated."""
+
+
+class _WrapperArgs(Recorded):
+    """What `torch._utils._rebuild_wrapper_subclass(cls, dtype, size, stride, ...)` received."""
+
+
+@dataclass
+class DTensorRef:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    local: LazyTensor
+    placements: tuple[Recorded, ...]
+    coordinate: tuple[int, ...] | None
+    mesh_shape: tuple[int, ...] | None
+
+
+def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> DTensorRef:
+    if func is not _WrapperArgs or new_type is not _DTensorClass:
+        raise FormatError(f"unexpected tensor subclass rebuild {func!r:.60} -> {new_type!r:.60}")
+    dtype, size = args[1], args[2]
+    if isinstance(state, tuple) and len(state) == 2:
+        state = state[1]
+    if not isinstance(state, dict) or not isinstance(state.get("_local_tensor"), LazyTensor):
+        raise FormatError("a DTensor without a local tensor")
+    spec = state.get("_spec")
+    if not isinstance(spec, _DTensorSpec):
+        raise FormatError("a DTensor without a DTensorSpec")
+    mesh = spec.field("mesh")
+    coordinate = mesh_shape = None
+    if isinstance(mesh, _DeviceMesh):
+        coord = mesh.field("_coordinate_on_dim")
+        coordinate = tuple(int(c) for c in coord) if coord is not None else None
+        layout = mesh.field("_layout")
+        if isinstance(layout, Recorded) and layout.field("axes") is not None:
+            mesh_shape = tuple(_product(axis.field("shape") or ()) for axis in layout.field("axes"))
+    return DTensorRef(
+        dtype=dtype,
+        shape=tuple(int(x) for x in size),
+        local=state["_local_tensor"],
+        placements=tuple(spec.field("placements") or ()),
+        coordinate=coordinate,
+        mesh_shape=mesh_shape,
+    )
+
+
+def _product(values: Sequence[int]) -> int:
+    count = 1
+    for value in values:
+        count *= int(value)
+    return count
+
+
+def dtensor_globals() -> dict[tuple[str, str], Any]:
+    """Exactly the globals FSDP2 DTensor pickles name, each a recorder."""
+    return {
+        ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
+        ("torch._utils", "_rebuild_wrapper_subclass"): _WrapperArgs,
+        ("torch.serialization", "_get_layout"): str,
+        ("torch.distributed.tensor", "DTensor"): _DTensorClass,
+        ("torch.distributed.tensor.api", "DTensor"): _DTensorClass,
+        ("torch.distributed.tensor._dtensor_spec", "DTensorSpec"): _DTensorSpec,
+        ("torch.distributed.tensor._dtensor_spec", "TensorMeta"): stand_in("TensorMeta"),
+        ("torch.distributed.tensor._dtensor_spec", "ShardOrderEntry"): stand_in("ShardOrderEntry"),
+        ("torch.distributed.tensor.placement_types", "Shard"): _Shard,
+        ("torch.distributed.tensor.placement_types", "_StridedShard"): _StridedShard,
+        ("torch.distributed.tensor.placement_types", "Replicate"): _Replicate,
+        ("torch.distributed.tensor.placement_types", "Partial"): _Partial,
+        ("torch.distributed.device_mesh", "DeviceMesh"): _DeviceMesh,
+        ("torch.distributed._mesh_layout", "_MeshLayout"): stand_in("_MeshLayout"),
+        ("torch.distributed._mesh_layout", "_FlatLayout"): stand_in("_FlatLayout"),
+    }
+
+
+@dataclass(frozen=True)
+class _Piece:
+    rank: int
+    box: Box | None  # None: a plain tensor, the whole of it
+    local: LazyTensor
+
+
+def _shard_box(name: str, ref: DTensorRef, rank: int, world: int) -> Box | None:
+    """The region of the global tensor this rank's piece holds; None when replicated everywhere."""
+    offsets = [0] * len(ref.shape)
+    sizes = list(ref.shape)
+    coordinate = ref.coordinate
+    if coordinate is None and len(ref.placements) == 1:
+        coordinate = (rank,)  # 1-D mesh over all ranks in rank order
+    mesh_shape = ref.mesh_shape or ((world,) if len(ref.placements) == 1 else None)
+    if coordinate is None or mesh_shape is None or len(coordinate) != len(ref.placements):
+        raise FormatError(f"{name}: cannot tell which mesh position rank {rank} holds")
+    sharded = False
+    for placement, index, count in zip(ref.placements, coordinate, mesh_shape, strict=True):
+        if isinstance(placement, _Replicate):
+            continue
+        if isinstance(placement, _Shard) and not isinstance(placement, _StridedShard):
+            dim = int(placement.field("dim"))
+            if dim < 0:
+                dim += len(ref.shape)
+            # torch.chunk semantics: ceil-sized pieces, the last ones short or empty.
+            step = -(-sizes[dim] // count)
+            start = min(step * index, sizes[dim])
+            offsets[dim] += start
+            sizes[dim] = min(sizes[dim] - start, step)
+            sharded = True
+            continue
+        raise FormatError(
+            f"{name}: placement {type(placement).__name__} cannot be merged offline "
+            "(Partial holds unreduced sums; _StridedShard needs the full sharding plan)"
+        )
+    return (tuple(offsets), tuple(sizes)) if sharded else None
+
+
+class FsdpRanksReader:
+    def __init__(self, root: Location, files: list[str], world: int, notes: list[str]) -> None:
+        self.root = root
+        self._files = files
+        self._notes = notes
+        self._pieces: dict[str, list[_Piece]] = {}
+        self._infos: dict[str, TensorInfo] = {}
+        extra = dtensor_globals()
+        per_rank: list[dict[str, Any]] = []
+        for relative in files:
+            lazy = LazyTorchFile(root, relative, extra_globals=extra)
+            if not isinstance(lazy.obj, Mapping):
+                raise FormatError(
+                    f"{lazy.where}: expected a state dict, found {type(lazy.obj).__name__}"
+                )
+            per_rank.append(_flatten(lazy.obj))
+        first = per_rank[0]
+        for rank, tensors in enumerate(per_rank[1:], start=1):
+            if set(tensors) != set(first):
+                raise KeyMismatchError(
+                    f"{root.file(files[rank])}: tensor names differ from rank 0's "
+                    f"(only in rank {rank}: {clip(set(tensors) - set(first))}; "
+                    f"missing: {clip(set(first) - set(tensors))})"
+                )
+        for name in first:
+            self._plan(name, [tensors[name] for tensors in per_rank], world)
+
+    def _plan(self, name: str, values: list[Any], world: int) -> None:
+        where = f"{self.root.url}: tensor {name}"
+        kinds = {isinstance(v, DTensorRef) for v in values}
+        if len(kinds) != 1:
+            raise FormatError(f"{where} is a DTensor on some ranks and a plain tensor on others")
+        pieces: list[_Piece] = []
+        if isinstance(values[0], DTensorRef):
+            head: DTensorRef = values[0]
+            for rank, ref in enumerate(values):
+                if (ref.shape, ref.dtype) != (head.shape, head.dtype):
+                    raise FormatError(
+                        f"{where}: rank {rank} says {ref.dtype} {list(ref.shape)}, rank 0 "
+                        f"says {head.dtype} {list(head.shape)}"
+                    )
+                box = _shard_box(where, ref, rank, world)
+                if box is not None and tuple(ref.local.shape) != box[1]:
+                    raise FormatError(
+                        f"{where}: rank {rank} holds {list(ref.local.shape)}, its shard should "
+                        f"be {list(box[1])}"
+                    )
+                pieces.append(_Piece(rank, box, ref.local))
+            boxes = [p.box or ((0,) * len(head.shape), head.shape) for p in pieces]
+            check_cover(where, head.shape, boxes, duplicates=True)
+            info = TensorInfo(name, head.dtype, head.shape)
+        else:
+            plain: LazyTensor = values[0]
+            for rank, lazy in enumerate(values):
+                if (tuple(lazy.shape), lazy.dtype) != (tuple(plain.shape), plain.dtype):
+                    raise FormatError(
+                        f"{where}: a plain (replicated) tensor with different shapes or dtypes "
+                        f"across ranks (rank {rank}: {lazy.dtype} {list(lazy.shape)}, rank 0: "
+                        f"{plain.dtype} {list(plain.shape)})"
+                    )
+                pieces.append(_Piece(rank, None, lazy))
+            info = TensorInfo(name, plain.dtype, tuple(plain.shape))
+        self._pieces[name] = pieces
+        self._infos[name] = info
+
+    def index(self) -> Mapping[str, TensorInfo]:
+        return dict(self._infos)
+
+    def read(self, name: str) -> torch.Tensor:
+        try:
+            info, pieces = self._infos[name], self._pieces[name]
+        except KeyError:
+            raise KeyError(f"{self.root.url}: no tensor {name!r} in the rank files") from None
+        out = torch.empty(info.shape, dtype=info.dtype)
+        whole: torch.Tensor | None = None  # a replicated value, to compare the other ranks with
+        filled: set[Box] = set()
+        for piece in pieces:
+            value = piece.local.materialize()
+            if piece.box is None:
+                if whole is None:
+                    whole = value
+                    out.copy_(value)
+                elif not torch.equal(whole, value):
+                    raise FormatError(
+                        f"{self.root.file(self._files[piece.rank])}: replicated tensor {name} "
+                        "differs from rank 0's copy (ranks disagree: the checkpoint is inconsistent)"
+                    )
+                continue
+            target = out[region(piece.box)]
+            if piece.box in filled:
+                if not torch.equal(target, value):
+                    raise FormatError(
+                        f"{self.root.file(self._files[piece.rank])}: replicated piece of {name} at "
+                        f"{list(piece.box[0])} differs from another rank's copy"
+                    )
+                continue
+            target.copy_(value)
+            filled.add(piece.box)
+        return out
+
+    def facts(self) -> SourceFacts:
+        return SourceFacts("fsdp-ranks", list(self._files), list(self._notes))
+
+    def asset_dirs(self) -> list[Location]:
+        dirs = [self.root.child("huggingface")] if self.root.isdir("huggingface") else []
+        return [*dirs, self.root]
+
+
+def _flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for key, value in obj.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, (LazyTensor, DTensorRef)):
+            found[name] = value
+        elif isinstance(value, Mapping):
+            found.update(_flatten(value, name))
+    return found
+
+
+def rank_files(root: Location) -> tuple[list[str], int, list[str]]:
+    """The rank files in rank order, the world size, and notes; errors name what is wrong."""
+    names = root.listdir()
+    notes: list[str] = []
+    verl = {n: m for n in names if (m := VERL.match(n))}
+    if verl:
+        sizes = {int(m.group(1)) for m in verl.values()}
+        declared = None
+        if root.exists("fsdp_config.json"):
+            try:
+                declared = json.loads(root.read_text("fsdp_config.json")).get("world_size")
+            except (ValueError, AttributeError) as e:
+                raise FormatError(f"{root.file('fsdp_config.json')}: not valid JSON ({e})") from e
+        if len(sizes) > 1:
+            raise FormatError(
+                f"{root.url}: rank files of several world sizes {sorted(sizes)} "
+                f"({clip(set(verl))}); remove the stale ones"
+            )
+        world = sizes.pop()
+        if declared is not None and int(declared) != world:
+            raise FormatError(
+                f"{root.file('fsdp_config.json')}: world_size {declared} but the rank files say "
+                f"{world}; the directory mixes two runs"
+            )
+        ranks = {int(m.group(2)): n for n, m in verl.items()}
+        pattern = f"model_world_size_{world}_rank_{{}}.pt"
+    else:
+        bagel = {n: m for n in names if (m := BAGEL.match(n))}
+        if not bagel:
+            raise FormatError(f"{root.url}: no FSDP rank files found")
+        ranks = {int(m.group(1)): n for n, m in bagel.items()}
+        world = len(ranks)
+        if root.exists("metadata.json"):
+            try:
+                declared = json.loads(root.read_text("metadata.json")).get("world_size")
+            except (ValueError, AttributeError) as e:
+                raise FormatError(f"{root.file('metadata.json')}: not valid JSON ({e})") from e
+            if declared is not None:
+                world = int(declared)
+        else:
+            world = max(ranks) + 1
+        pattern = "model_rank{:05d}.pt"
+        if any(BAGEL_EMA.match(n) for n in names):
+            notes.append(
+                "ema_rank*.pt files present: the EMA component is not read (main model only)"
+            )
+    stale = sorted(n for r, n in ranks.items() if r >= world)
+    if stale:
+        raise FormatError(
+            f"{root.url}: rank file(s) {', '.join(stale)} beyond world size {world}; "
+            "a stale file from another run? remove it"
+        )
+    missing = [pattern.format(r) for r in range(world) if r not in ranks]
+    if missing:
+        raise FormatError(
+            f"{root.url}: missing rank file(s) {', '.join(missing)} of world size {world}"
+        )
+    return [ranks[r] for r in range(world)], world, notes
+
+
+class FsdpRanksFormat:
+    name = "fsdp-ranks"
+    priority = 30
+
+    def detect(self, root: Location) -> bool:
+        if not root.isdir():
+            return False
+        return any(VERL.match(n) or BAGEL.match(n) for n in root.listdir())
+
+    def open(self, root: Location, options: OpenOptions) -> Reader:
+        files, world, notes = rank_files(root)
+        return FsdpRanksReader(root, files, world, notes)
+
+
+register(FsdpRanksFormat())
