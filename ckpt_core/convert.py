@@ -254,11 +254,17 @@ def convert(
     workers: int = 2,
 ) -> ConvertResult:
     """The whole pipeline in this process; shards are written and verified on a thread pool."""
-    plan = plan_conversion(src_url, dst_url, options or ConvertOptions())
+    return run_plan(
+        plan_conversion(src_url, dst_url, options or ConvertOptions()), on_bytes, workers
+    )
+
+
+def run_plan(
+    plan: ConversionPlan, on_bytes: OnBytes | None = None, workers: int = 2
+) -> ConvertResult:
     if plan.already_done:
-        return ConvertResult(
-            dst_url, None, (), f"{dst_url} already holds this conversion: nothing to do"
-        )
+        dst = plan.target.dst_url
+        return ConvertResult(dst, None, (), f"{dst} already holds this conversion: nothing to do")
     start(plan)
     try:
         with ThreadPoolExecutor(max_workers=workers) as pool:

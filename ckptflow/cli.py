@@ -1,0 +1,185 @@
+"""`ckptflow`: one-off conversions with progress bars; `--prefect` runs the same as a flow run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from importlib import import_module
+from typing import TYPE_CHECKING
+
+from ckpt_core.errors import CkptError
+
+if TYPE_CHECKING:
+    from ckpt_core.convert import ConvertOptions
+
+Handler = Callable[[argparse.Namespace], int]
+# Modules that add subcommands: each has add_parsers(subparsers); a missing one is skipped.
+PLUGINS = ("ckptflow.cli_vlm", "ckptflow.cli_resolve")
+DEMO_DIR = ".ckptflow-demo"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:
+        from ckptflow.demo import prepare_env
+
+        # Prefect reads its settings when first imported: point it at the demo's home first.
+        prepare_env(argv[argv.index("--workdir") + 1] if "--workdir" in argv else DEMO_DIR)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except CkptError as e:
+        print(f"ckptflow: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ckptflow: interrupted; nothing was published", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ckptflow", description=__doc__)
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    detect = sub.add_parser("detect", help="say which checkpoint format a path or URL holds")
+    detect.add_argument("src")
+    detect.add_argument(
+        "--json", action="store_true", help="print JSON with format and tensor counts"
+    )
+    detect.set_defaults(handler=run_detect)
+
+    convert = sub.add_parser("convert", help="convert a checkpoint into a HF safetensors directory")
+    convert.add_argument(
+        "src", help="checkpoint directory or URL (local, /mnt/share, s3://, memory://)"
+    )
+    convert.add_argument("dst", help="output directory or URL")
+    convert.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32", "keep"])
+    convert.add_argument("--max-shard-size", default="5GB", help="e.g. 5GB, 500MB, 200KB, or bytes")
+    convert.add_argument("--base", help="HF model dir/URL to take config and tokenizer from")
+    convert.add_argument("--overwrite", action="store_true", help="replace a different conversion")
+    convert.add_argument("--tag", help="DeepSpeed checkpoint tag (default: the `latest` file)")
+    convert.add_argument(
+        "--exclude-frozen", action="store_true", help="DeepSpeed: skip frozen params"
+    )
+    convert.add_argument(
+        "--allow-missing",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="model keys (fnmatch) allowed to be absent from the checkpoint",
+    )
+    convert.add_argument("--format", help="force a format instead of detecting it")
+    convert.add_argument("--workers", type=int, default=2, help="shards written in parallel")
+    convert.add_argument("--prefect", action="store_true", help="run as a Prefect flow run")
+    convert.set_defaults(handler=run_convert)
+
+    demo = sub.add_parser("demo", help="convert a tiny model through the Prefect flow, offline")
+    demo.add_argument("--workdir", default=DEMO_DIR)
+    demo.set_defaults(handler=run_demo)
+
+    for name in PLUGINS:
+        try:
+            module = import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+            continue
+        module.add_parsers(sub)
+    return parser
+
+
+def run_detect(args: argparse.Namespace) -> int:
+    from ckpt_core.reader import OpenOptions
+    from ckpt_core.registry import detect
+    from ckpt_core.storage import Location
+
+    fmt = detect(args.src)
+    if not args.json:
+        print(fmt.name)
+        return 0
+    reader = fmt.open(Location(args.src), OpenOptions())
+    index = reader.index()
+    facts = reader.facts()
+    print(
+        json.dumps(
+            {
+                "format": fmt.name,
+                "url": args.src,
+                "tensors": len(index),
+                "tensor_bytes": sum(t.nbytes for t in index.values()),
+                "files": facts.files,
+                "notes": facts.notes,
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from flows.convert import options_from
+
+    options = options_from(
+        args.dtype,
+        args.max_shard_size,
+        args.base,
+        args.overwrite,
+        args.tag,
+        args.exclude_frozen,
+        args.allow_missing,
+        args.format,
+    )
+    if args.prefect:
+        from flows.convert import convert_flow
+
+        outcome = convert_flow(
+            args.src,
+            args.dst,
+            args.dtype,
+            args.max_shard_size,
+            args.base,
+            args.overwrite,
+            args.tag,
+            args.exclude_frozen,
+            args.allow_missing,
+            args.format,
+        )
+        print(json.dumps(outcome))
+        return 0
+    return convert_in_process(args.src, args.dst, options, args.workers)
+
+
+def convert_in_process(src: str, dst: str, options: ConvertOptions, workers: int) -> int:
+    from tqdm import tqdm
+
+    from ckpt_core import convert as core
+
+    plan = core.plan_conversion(src, dst, options)
+    if plan.already_done:
+        print(f"{dst} already holds this conversion: nothing to do")
+        return 0
+    for warning in plan.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(
+        f"{src} ({plan.format}) -> {dst}: {plan.tensor_count} tensors, {len(plan.shards)} shard(s), "
+        f"{options.dtype}"
+    )
+    with tqdm(total=2 * plan.total_bytes, unit="B", unit_scale=True, desc="write+verify") as bar:
+        result = core.run_plan(plan, on_bytes=bar.update, workers=workers)
+    print(result.message)
+    if result.report:
+        print(result.report.text())
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from ckptflow.demo import run
+
+    return run(args.workdir)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,78 @@
+"""The `convert` flow: detect -> plan -> write shards (parallel) -> index and assets -> verify
+(parallel) -> publish -> report artifact. Same steps, same bytes as `ckptflow convert`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, unmapped
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from ckpt_core.convert import ConvertOptions, report
+from ckpt_core.reader import OpenOptions
+from ckpt_core.units import parse_size_bytes
+from tasks import convert as steps
+
+
+def options_from(
+    dtype: str = "bf16",
+    max_shard_size: str = "5GB",
+    base: str | None = None,
+    overwrite: bool = False,
+    tag: str | None = None,
+    exclude_frozen: bool = False,
+    allow_missing: list[str] | None = None,
+    format: str | None = None,
+) -> ConvertOptions:
+    return ConvertOptions(
+        dtype=dtype,
+        max_shard_bytes=parse_size_bytes(max_shard_size),
+        base=base,
+        overwrite=overwrite,
+        open_options=OpenOptions(
+            tag=tag,
+            exclude_frozen=exclude_frozen,
+            base=base,
+            allow_missing=tuple(allow_missing or ()),
+        ),
+        format=format,
+    )
+
+
+@flow(name="convert", task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=True)  # type: ignore[arg-type]
+def convert_flow(
+    src: str,
+    dst: str,
+    dtype: str = "bf16",
+    max_shard_size: str = "5GB",
+    base: str | None = None,
+    overwrite: bool = False,
+    tag: str | None = None,
+    exclude_frozen: bool = False,
+    allow_missing: list[str] | None = None,
+    format: str | None = None,
+) -> dict[str, Any]:
+    """Convert the checkpoint at `src` (any fsspec URL) into a HF directory at `dst`."""
+    options = options_from(
+        dtype, max_shard_size, base, overwrite, tag, exclude_frozen, allow_missing, format
+    )
+    conversion = steps.plan(src, dst, options)
+    if conversion.already_done:
+        print(f"{dst} already holds this conversion: nothing to do")
+        return {"dst": dst, "published": False, "already_done": True}
+    for warning in conversion.warnings:
+        print(f"warning: {warning}")
+    steps.start(conversion)
+    numbers = list(range(len(conversion.shards)))
+    try:
+        files = [f.result() for f in steps.write_shard.map(unmapped(conversion), numbers)]
+        files += steps.write_index_and_assets(conversion)
+        checks = [f.result() for f in steps.verify_shard.map(unmapped(conversion), numbers)]
+        verified = report(conversion, checks, len(files) - len(checks))
+        steps.report_artifact(conversion, verified)
+        result = steps.publish(conversion, files, verified)
+    except BaseException:
+        steps.discard(conversion)
+        raise
+    print(f"{result.message}\n{verified.text()}")
+    return {"dst": dst, "published": True, "tensors": verified.tensors, "files": len(result.files)}

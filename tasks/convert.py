@@ -1,0 +1,64 @@
+"""Thin Prefect tasks over ckpt_core.convert: each passes the small plan, never tensors."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from ckpt_core import convert as core
+from ckpt_core.verify import Report, ShardCheck
+from ckpt_core.writer import FileRecord
+from tasks.common import IO_RETRIES
+
+
+@task(name="plan", cache_policy=NO_CACHE, **IO_RETRIES)
+def plan(src: str, dst: str, options: core.ConvertOptions) -> core.ConversionPlan:
+    return core.plan_conversion(src, dst, options)
+
+
+@task(name="start", cache_policy=NO_CACHE, **IO_RETRIES)
+def start(conversion: core.ConversionPlan) -> str:
+    return core.start(conversion)
+
+
+@task(name="write-shard", cache_policy=NO_CACHE, **IO_RETRIES)
+def write_shard(conversion: core.ConversionPlan, shard_number: int) -> FileRecord:
+    return core.write_shard(conversion, shard_number)
+
+
+@task(name="write-index-and-assets", cache_policy=NO_CACHE, **IO_RETRIES)
+def write_index_and_assets(conversion: core.ConversionPlan) -> list[FileRecord]:
+    return core.write_index(conversion) + core.copy_assets(conversion)
+
+
+@task(name="verify-shard", cache_policy=NO_CACHE, **IO_RETRIES)
+def verify_shard(conversion: core.ConversionPlan, shard_number: int) -> ShardCheck:
+    return core.verify_one(conversion, shard_number)
+
+
+@task(name="publish", cache_policy=NO_CACHE, **IO_RETRIES)
+def publish(
+    conversion: core.ConversionPlan, files: list[FileRecord], report: Report
+) -> core.ConvertResult:
+    return core.publish(conversion, files, report)
+
+
+@task(name="report-artifact", cache_policy=NO_CACHE)
+def report_artifact(conversion: core.ConversionPlan, report: Report) -> None:
+    """The verification report, on the flow run's Artifacts tab."""
+    create_table_artifact(
+        key="convert-report",
+        table=report.rows(),
+        description=f"{conversion.src_url} -> {conversion.target.dst_url}",
+    )
+    create_markdown_artifact(
+        key="convert-summary",
+        markdown=f"## ckptflow convert\n\n`{conversion.src_url}` -> `{conversion.target.dst_url}` "
+        f"({conversion.format}, {conversion.options.dtype})\n\n{report.markdown()}\n",
+    )
+
+
+@task(name="discard", cache_policy=NO_CACHE)
+def discard(conversion: core.ConversionPlan) -> None:
+    core.discard(conversion.target)
