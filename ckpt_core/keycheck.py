@@ -1,0 +1,125 @@
+"""Strict key check of a checkpoint against the model its config describes.
+
+The model is built on the meta device (no memory, no weights), so its state dict names are
+exactly what `from_pretrained` will look for. Missing keys fail unless they are tied to a key
+that is present (same parameter object, e.g. lm_head.weight <- embed_tokens.weight) or match
+an `allow_missing` fnmatch pattern; unexpected keys always fail.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from fnmatch import fnmatchcase
+from typing import Any
+
+import torch
+
+from ckpt_core.errors import CkptError, KeyMismatchError, clip
+from ckpt_core.storage import Location
+
+
+def load_config(config_dir_or_url: str) -> Any:
+    """A transformers config from `config.json` in a directory (or the json file itself), any URL."""
+    from transformers import AutoConfig
+
+    loc = Location(config_dir_or_url)
+    if loc.isdir():
+        where, text = loc.file("config.json"), _read(loc, "config.json")
+    else:
+        parent, _, name = config_dir_or_url.rstrip("/").rpartition("/")
+        where, text = config_dir_or_url, _read(Location(parent or "."), name)
+    try:
+        values = json.loads(text)
+        model_type = values.pop("model_type")
+    except (ValueError, KeyError, AttributeError) as e:
+        raise CkptError(
+            f"{where}: not a transformers config.json with a model_type ({e}); pass --base with "
+            "the HF model directory the checkpoint was trained from"
+        ) from e
+    try:
+        return AutoConfig.for_model(model_type, **values)
+    except (ValueError, KeyError) as e:
+        raise CkptError(f"{where}: transformers does not know model_type {model_type!r}") from e
+
+
+def _read(loc: Location, name: str) -> str:
+    if not loc.exists(name):
+        raise CkptError(f"{loc.file(name)}: no config.json to check the checkpoint's keys against")
+    return loc.read_text(name)
+
+
+def model_key_groups(config: Any) -> list[list[str]]:
+    """The model's state dict names, grouped by shared tensor (tied names together), in order."""
+    import transformers
+
+    arch = next(iter(getattr(config, "architectures", None) or []), None)
+    classes = [getattr(transformers, arch, None)] if arch else []
+    classes += [transformers.AutoModelForCausalLM, transformers.AutoModel]
+    errors = []
+    for cls in classes:
+        if cls is None:
+            continue
+        try:
+            with torch.device("meta"):
+                build = cls.from_config if hasattr(cls, "from_config") else cls._from_config
+                model = build(config)
+            break
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            errors.append(f"{getattr(cls, '__name__', cls)}: {e}")
+    else:
+        raise CkptError(f"cannot build the model config describes: {'; '.join(errors)}")
+    groups: dict[int, list[str]] = {}
+    for name, value in model.state_dict(keep_vars=True).items():
+        groups.setdefault(id(value), []).append(name)
+    return list(groups.values())
+
+
+def check_keys(
+    names: Iterable[str],
+    config_dir_or_url: str,
+    allow_missing_patterns: Sequence[str] = (),
+    where: str = "checkpoint",
+) -> list[str]:
+    """Raise KeyMismatchError unless `names` are the model's keys; return tied names to drop.
+
+    A tied group (names sharing one tensor) is satisfied by any one of its names; the other
+    names present in the checkpoint are returned so the caller drops them (transformers saves a
+    tied group once). Checking that the dropped copies equal the kept one is the caller's job
+    (`tied_duplicates` says which name each dropped one duplicates).
+    """
+    return list(tied_duplicates(names, config_dir_or_url, allow_missing_patterns, where))
+
+
+def tied_duplicates(
+    names: Iterable[str],
+    config_dir_or_url: str,
+    allow_missing_patterns: Sequence[str] = (),
+    where: str = "checkpoint",
+) -> dict[str, str]:
+    """As `check_keys`, returning {tied name to drop: the name kept for its group}."""
+    have = set(names)
+    groups = model_key_groups(load_config(config_dir_or_url))
+    expected = {n for g in groups for n in g}
+    missing: list[str] = []
+    drop: dict[str, str] = {}
+    for group in groups:
+        found = [n for n in group if n in have]
+        if not found:
+            missing.extend(
+                n for n in group if not any(fnmatchcase(n, p) for p in allow_missing_patterns)
+            )
+            continue
+        drop.update({alias: found[0] for alias in found[1:]})
+    unexpected = sorted(have - expected)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)}: {clip(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)}: {clip(unexpected)}")
+        raise KeyMismatchError(
+            f"{where}: keys do not match the model in {config_dir_or_url} ({'; '.join(parts)}); "
+            "check --base, or pass --allow-missing PATTERN for keys that are meant to be absent"
+        )
+    return drop
