@@ -1,0 +1,176 @@
+"""HF -> HF conversion through ckpt_core.convert, checked with transformers itself."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import Qwen2ForCausalLM
+
+from ckpt_core import convert as core
+from ckpt_core.convert import ConvertOptions, convert
+from ckpt_core.errors import KeyMismatchError, PublishError, VerifyError
+from tests.fixtures.tiny import build_tiny_qwen2, sample_input_ids
+
+
+def _load(path: Path, dtype: torch.dtype = torch.float32) -> Qwen2ForCausalLM:
+    model, info = Qwen2ForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    return model
+
+
+def _tree_digest(path: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_fp32_sharded_loads_strictly_with_identical_logits(
+    tiny_model: Qwen2ForCausalLM, tiny_hf_dir: Path, tmp_path: Path
+) -> None:
+    before = _tree_digest(tiny_hf_dir)
+    out = tmp_path / "out"
+    result = convert(str(tiny_hf_dir), str(out), ConvertOptions(dtype="fp32", max_shard_bytes=150_000))
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) >= 3
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(tiny_model.state_dict())
+    assert index["metadata"]["total_size"] == sum(t.nbytes for t in tiny_model.state_dict().values())
+    assert result.report is not None and result.report.ok
+    assert result.report.tensors == len(tiny_model.state_dict())
+    loaded = _load(out)
+    ids = sample_input_ids()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, tiny_model(ids).logits)
+    assert _tree_digest(tiny_hf_dir) == before  # the source is never written
+    assert (out / "_SUCCESS").exists()
+    assert not list(tmp_path.glob(".*staging*"))
+
+
+def test_default_is_bf16_for_floats_and_keeps_integers(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    src = tmp_path / "src"
+    src.mkdir()
+    tensors = {"w": torch.randn(4, 4), "h": torch.randn(3).half(), "ids": torch.arange(5)}
+    save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
+    result = convert(str(src), str(tmp_path / "out"))
+    assert result.report is not None and result.report.ok
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("w").dtype == torch.bfloat16
+        assert f.get_tensor("h").dtype == torch.bfloat16
+        assert torch.equal(f.get_tensor("ids"), tensors["ids"])
+        assert torch.equal(f.get_tensor("w"), tensors["w"].bfloat16())
+    # No config anywhere: weights, manifest and a warning, no invented config.
+    assert not (tmp_path / "out" / "config.json").exists()
+    assert any("no config.json" in note for note in result.report.notes)
+
+
+def test_bin_source_with_tied_head_drops_it(tmp_path: Path) -> None:
+    model = build_tiny_qwen2(seed=3, tie_word_embeddings=True)
+    src = tmp_path / "src"
+    src.mkdir()
+    model.config.save_pretrained(src)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()  # stored twice
+    torch.save(state, src / "pytorch_model.bin")
+    out = tmp_path / "out"
+    result = convert(str(src), str(out), ConvertOptions(dtype="keep"))
+    assert result.report is not None and result.report.dropped == ("lm_head.weight",)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in f.keys()
+    loaded = _load(out)
+    ids = sample_input_ids()
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_untied_model_without_head_is_refused(tmp_path: Path) -> None:
+    model = build_tiny_qwen2(seed=4, tie_word_embeddings=False)
+    src = tmp_path / "src"
+    src.mkdir()
+    model.config.save_pretrained(src)
+    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    torch.save(state, src / "pytorch_model.bin")
+    with pytest.raises(KeyMismatchError, match="lm_head.weight"):
+        convert(str(src), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_assets_from_base_and_no_stale_weights(tiny_model: Qwen2ForCausalLM, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    src, base = tmp_path / "train-out", tmp_path / "base"
+    src.mkdir()
+    save_file(dict(tiny_model.state_dict()), str(src / "model.safetensors"), metadata={"format": "pt"})
+    tiny_model.save_pretrained(base, max_shard_size="100KB")  # base has its own index and shards
+    (base / "pytorch_model.bin").write_bytes(b"stale")
+    (base / "tokenizer_config.json").write_text('{"model_max_length": 128}')
+    out = tmp_path / "out"
+    convert(str(src), str(out), ConvertOptions(dtype="fp32", base=str(base)))
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "generation_config.json", "tokenizer_config.json"} <= names
+    assert "pytorch_model.bin" not in names and "model.safetensors.index.json" not in names
+    assert names & {p.name for p in base.glob("model-*")} == set()
+    _load(out)
+
+
+def test_rerun_is_noop_different_refused_overwrite_replaces(tiny_hf_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    convert(str(tiny_hf_dir), str(out), ConvertOptions(dtype="fp32"))
+    stamp = (out / "manifest.json").stat().st_mtime_ns
+    again = convert(str(tiny_hf_dir), str(out), ConvertOptions(dtype="fp32"))
+    assert "nothing to do" in again.message
+    assert (out / "manifest.json").stat().st_mtime_ns == stamp
+    with pytest.raises(PublishError, match="--overwrite"):
+        convert(str(tiny_hf_dir), str(out), ConvertOptions(dtype="bf16"))
+    convert(str(tiny_hf_dir), str(out), ConvertOptions(dtype="bf16", overwrite=True))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["options"]["dtype"] == "bf16"
+    for name, entry in manifest["files"].items():
+        data = (out / name).read_bytes()
+        assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def test_destination_inside_source_is_refused(tiny_hf_dir: Path) -> None:
+    with pytest.raises(PublishError, match="never writes"):
+        convert(str(tiny_hf_dir), str(tiny_hf_dir / "out"))
+
+
+def test_a_corrupted_shard_fails_verification_and_publishes_nothing(
+    tiny_hf_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    plan = core.plan_conversion(str(tiny_hf_dir), str(out), ConvertOptions(dtype="fp32"))
+    work = Path(core.start(plan))
+    files = [core.write_shard(plan, i) for i in range(len(plan.shards))]
+    shard = work / plan.shards[0].filename
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0xFF  # one flipped bit pattern in the last tensor's bytes
+    shard.write_bytes(bytes(data))
+    checks = [core.verify_one(plan, i) for i in range(len(plan.shards))]
+    result = core.report(plan, checks, 0)
+    assert not result.ok and len(result.mismatches) == 1
+    with pytest.raises(VerifyError, match="nothing was published"):
+        core.publish(plan, files, result)
+    assert not out.exists() and not work.exists()
+
+
+def test_memory_urls_end_to_end(tiny_model: Qwen2ForCausalLM, tiny_hf_dir: Path, tmp_path: Path) -> None:
+    import fsspec
+
+    mem = fsspec.filesystem("memory")
+    for p in tiny_hf_dir.iterdir():
+        mem.pipe_file(f"/src-model/{p.name}", p.read_bytes())
+    convert("memory://src-model", "memory://converted", ConvertOptions(dtype="fp32", max_shard_bytes=200_000))
+    assert mem.exists("/converted/_SUCCESS")
+    assert not mem.exists("/converted/.ckptflow-incomplete")
+    local = tmp_path / "copy"
+    mem.get("/converted/", str(local), recursive=True)
+    _load(local)
