@@ -10,6 +10,7 @@ from ckpt_core.reader import Format, OpenOptions, Reader
 from ckpt_core.storage import Location
 
 _FORMATS: dict[str, Format] = {}
+_BUILTINS_LOADED = False  # not `not _FORMATS`: importing one format module directly registers it
 
 
 def register(fmt: Format) -> Format:
@@ -25,8 +26,10 @@ def _load_builtin_formats() -> None:
 
 
 def formats() -> list[Format]:
-    if not _FORMATS:
+    global _BUILTINS_LOADED
+    if not _BUILTINS_LOADED:
         _load_builtin_formats()
+        _BUILTINS_LOADED = True
     return sorted(_FORMATS.values(), key=lambda f: (f.priority, f.name))
 
 
