@@ -32,6 +32,7 @@ from ckpt_core.publish import (
 from ckpt_core.reader import OpenOptions, Reader, TensorInfo
 from ckpt_core.registry import detect, get_format
 from ckpt_core.storage import Location
+from ckpt_core.units import parse_size_bytes
 from ckpt_core.verify import Report, ShardCheck, combine, verify_shard
 from ckpt_core.writer import FileRecord, write_bytes, write_safetensors
 
@@ -53,6 +54,32 @@ class ConvertOptions:
         values = asdict(self)
         values.pop("overwrite")
         return values
+
+
+def options_from(
+    dtype: str = "bf16",
+    max_shard_size: str = "5GB",
+    base: str | None = None,
+    overwrite: bool = False,
+    tag: str | None = None,
+    exclude_frozen: bool = False,
+    allow_missing: Sequence[str] | None = None,
+    format: str | None = None,
+) -> ConvertOptions:
+    """Options from the CLI's and the flow's flat parameters (sizes parsed here, once)."""
+    return ConvertOptions(
+        dtype=dtype,
+        max_shard_bytes=parse_size_bytes(max_shard_size),
+        base=base,
+        overwrite=overwrite,
+        open_options=OpenOptions(
+            tag=tag,
+            exclude_frozen=exclude_frozen,
+            base=base,
+            allow_missing=tuple(allow_missing or ()),
+        ),
+        format=format,
+    )
 
 
 @dataclass(frozen=True)

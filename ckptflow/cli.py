@@ -120,7 +120,7 @@ def run_detect(args: argparse.Namespace) -> int:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from flows.convert import options_from
+    from ckpt_core.convert import options_from
 
     options = options_from(
         args.dtype,

@@ -8,35 +8,8 @@ from typing import Any
 from prefect import flow, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from ckpt_core.convert import ConvertOptions, report
-from ckpt_core.reader import OpenOptions
-from ckpt_core.units import parse_size_bytes
+from ckpt_core.convert import options_from, report
 from tasks import convert as steps
-
-
-def options_from(
-    dtype: str = "bf16",
-    max_shard_size: str = "5GB",
-    base: str | None = None,
-    overwrite: bool = False,
-    tag: str | None = None,
-    exclude_frozen: bool = False,
-    allow_missing: list[str] | None = None,
-    format: str | None = None,
-) -> ConvertOptions:
-    return ConvertOptions(
-        dtype=dtype,
-        max_shard_bytes=parse_size_bytes(max_shard_size),
-        base=base,
-        overwrite=overwrite,
-        open_options=OpenOptions(
-            tag=tag,
-            exclude_frozen=exclude_frozen,
-            base=base,
-            allow_missing=tuple(allow_missing or ()),
-        ),
-        format=format,
-    )
 
 
 @flow(name="convert", task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=True)  # type: ignore[arg-type]

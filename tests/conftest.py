@@ -17,6 +17,10 @@ os.environ["DO_NOT_TRACK"] = "1"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+# Prefect sets up its log handlers on import; importing it now, outside any test's capsys,
+# keeps them off a captured stream that a test later closes.
+import prefect  # noqa: E402,F401
+
 
 @pytest.fixture(scope="session")
 def prefect_harness() -> Iterator[None]:
