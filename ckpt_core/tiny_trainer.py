@@ -14,12 +14,15 @@ and `metadata.json` (parallel size, steps, losses), written last.
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import subprocess
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ckpt_core.errors import FormatError
+from ckpt_core.errors import CkptError, FormatError
 from ckpt_core.families import Family, family_for, load_config
 from ckpt_core.storage import Location
 from ckpt_core.torchzip import LazyTorchFile, iter_tensors
@@ -159,3 +162,59 @@ def _optimise(
             optimiser.step()
             optimiser.zero_grad()
     return losses
+
+
+class TrainCommandError(CkptError):
+    """The user's training command failed or left no rank files."""
+
+
+def run_train_command(
+    command: str,
+    split_url: str,
+    output_url: str,
+    parallel_size: int,
+    timeout_s: float | None = None,
+) -> TrainResult:
+    """Run the user's training command on the split; it must write rank files + metadata.json.
+
+    `{split_dir}`, `{output_dir}` and `{parallel_size}` in the command are replaced; without
+    placeholders, `--split-dir DIR --output-dir DIR` are appended. The same values are in the
+    environment as CKPTFLOW_SPLIT_DIR, CKPTFLOW_OUTPUT_DIR and CKPTFLOW_PARALLEL_SIZE.
+    """
+    values = {"split_dir": split_url, "output_dir": output_url, "parallel_size": str(parallel_size)}
+    argv = shlex.split(command)
+    if any("{" + key + "}" in command for key in values):
+        argv = [arg.format(**values) for arg in argv]
+    else:
+        argv += ["--split-dir", split_url, "--output-dir", output_url]
+    env = dict(os.environ)
+    env.update(
+        CKPTFLOW_SPLIT_DIR=split_url,
+        CKPTFLOW_OUTPUT_DIR=output_url,
+        CKPTFLOW_PARALLEL_SIZE=str(parallel_size),
+    )
+    try:
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout_s)
+    except FileNotFoundError as e:
+        raise TrainCommandError(f"train command not found: {argv[0]!r} ({command!r})") from e
+    except subprocess.TimeoutExpired as e:
+        raise TrainCommandError(f"train command timed out after {timeout_s} s: {command!r}") from e
+    if done.returncode != 0:
+        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-5:])
+        raise TrainCommandError(
+            f"train command exited with code {done.returncode}: {' '.join(argv)}"
+            + (f"\n{tail}" if tail else "")
+        )
+    out = Location(output_url)
+    if not out.exists(METADATA):
+        raise TrainCommandError(
+            f"train command succeeded but wrote no {METADATA} to {out.path}: "
+            "it must save rank files and metadata.json there"
+        )
+    meta = json.loads(out.read_text(METADATA))
+    return TrainResult(
+        output_url,
+        int(meta.get("parallel_size", parallel_size)),
+        int(meta.get("steps", 0)),
+        [float(x) for x in meta.get("losses", [])],
+    )

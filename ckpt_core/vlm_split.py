@@ -39,7 +39,7 @@ def _source_fingerprint(root: Location, files: list[str]) -> dict[str, int]:
     return {f: root.size(f) for f in sorted([*files, "config.json"])}
 
 
-def _sha256(root: Location, relative: str) -> str:
+def sha256_file(root: Location, relative: str) -> str:
     digest = hashlib.sha256()
     with root.fs.open(root.file(relative), "rb") as handle:
         while chunk := handle.read(1 << 22):
@@ -54,7 +54,7 @@ def _existing(out: Location, fingerprint: dict[str, int], source: str, overwrite
     meta = json.loads(out.read_text(SPLIT_METADATA))
     same = meta.get("source_files") == fingerprint and meta.get("source") == source
     if same and all(
-        out.exists(f) and _sha256(out, f) == info["sha256"] for f, info in meta["files"].items()
+        out.exists(f) and sha256_file(out, f) == info["sha256"] for f, info in meta["files"].items()
     ):
         return meta
     if not overwrite:
@@ -123,7 +123,7 @@ def split(model_url: str, output_url: str, *, overwrite: bool = False) -> SplitR
             torch.save({"model": state, "config": part_config}, handle)
         del state
         files[part.split_file] = {
-            "sha256": _sha256(out, part.split_file),
+            "sha256": sha256_file(out, part.split_file),
             "bytes": out.size(part.split_file),
         }
     config_bytes = root.read_bytes("config.json")

@@ -52,6 +52,8 @@ class LocalShard:
 
 
 def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> Any:
+    if isinstance(state, tuple):  # (__dict__ state, __slots__ state): DTensor uses slots
+        state = {k: v for part in state if isinstance(part, dict) for k, v in part.items()}
     if isinstance(state, dict) and isinstance(state.get("_local_tensor"), LazyTensor):
         spec = state.get("_spec")
         return LocalShard(state["_local_tensor"], tuple(getattr(spec, "placements", ()) or ()))

@@ -1,0 +1,72 @@
+"""Thin Prefect tasks over the VLM split / train / merge / test steps (URLs in, small results out)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from ckpt_core import tiny_trainer, vlm_merge, vlm_split
+from tasks.common import IO_RETRIES
+
+# Training fails for reasons a rerun can fix (preempted node, OOM spike, flaky storage), and
+# also for ones it cannot; the flow sets the count (`train_retries`) and reports the last error.
+TRAIN_RETRIES: dict[str, Any] = {"retries": 2, "retry_delay_seconds": 5}
+
+
+@task(name="split", cache_policy=NO_CACHE, **IO_RETRIES)
+def split(model: str, split_dir: str, overwrite: bool = False) -> dict[str, Any]:
+    return asdict(vlm_split.split(model, split_dir, overwrite=overwrite))
+
+
+@task(name="train", cache_policy=NO_CACHE, **TRAIN_RETRIES)
+def train(
+    split_dir: str,
+    train_dir: str,
+    parallel_size: int,
+    command: str | None = None,
+    steps: int = 2,
+) -> dict[str, Any]:
+    """The user's command when given, else the built-in tiny trainer."""
+    if command:
+        result = tiny_trainer.run_train_command(command, split_dir, train_dir, parallel_size)
+    else:
+        result = tiny_trainer.train(split_dir, train_dir, parallel_size, steps=steps)
+    print(f"trained: {result.steps} steps on {result.parallel_size} ranks, losses {result.losses}")
+    return asdict(result)
+
+
+@task(name="merge", cache_policy=NO_CACHE, **IO_RETRIES)
+def merge(
+    train_dir: str,
+    merged_dir: str,
+    model: str,
+    parallel_size: int | None,
+    output_format: str = "safetensors",
+    dtype: str = "keep",
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    result = vlm_merge.merge(
+        train_dir,
+        merged_dir,
+        model,
+        parallel_size=parallel_size,
+        output_format=output_format,
+        dtype=dtype,
+        overwrite=overwrite,
+    )
+    return asdict(result)
+
+
+@task(name="test", cache_policy=NO_CACHE)
+def test(merged_dir: str, model: str) -> dict[str, Any]:
+    found = vlm_merge.check_merged(merged_dir, model)
+    rows = "\n".join(f"| {k} | {v} |" for k, v in found.items())
+    create_markdown_artifact(
+        key="post-training-test",
+        markdown=f"## post_training test\n\n| item | value |\n| --- | --- |\n{rows}\n",
+    )
+    return found
