@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 
 def prepare_env(workdir: str) -> None:
@@ -35,9 +36,10 @@ def run(workdir: str) -> int:
         )
     print("running the `convert` flow on Prefect's embedded server (first start takes ~15 s)...")
     outcome = convert_flow(str(source), str(output), dtype="bf16", max_shard_size="200KB")
-    loaded, info = AutoModelForCausalLM.from_pretrained(
+    pair: Any = AutoModelForCausalLM.from_pretrained(
         output, dtype=torch.bfloat16, output_loading_info=True
     )
+    loaded, info = pair
     problems = {k: v for k, v in info.items() if v}
     # The reference: the source weights loaded the same way (transformers casts them to bf16).
     reference = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
