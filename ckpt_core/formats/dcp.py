@@ -321,7 +321,7 @@ class DcpReader:
                     f"{blob.where}: chunk of {entry.fqn} is {lazy.dtype} {list(lazy.shape)}, "
                     f"metadata says {entry.info.dtype} {list(chunk.box[1])}"
                 )
-            out[region(chunk.box)] = lazy.materialize()
+            fill_from(out[region(chunk.box)], lazy)
         return out
 
     def facts(self) -> SourceFacts:
@@ -329,6 +329,23 @@ class DcpReader:
 
     def asset_dirs(self) -> list[Location]:
         return [self.root]
+
+
+def fill_from(target: torch.Tensor, lazy: LazyTensor) -> None:
+    """Copy a chunk into its place; straight from the file when both sides are contiguous
+    (a Shard(0) chunk is a contiguous row block), saving an allocation and a copy."""
+    if tuple(target.shape) != tuple(lazy.shape) or target.dtype != lazy.dtype:
+        raise FormatError(
+            f"{lazy.source.where}: piece is {lazy.dtype} {list(lazy.shape)}, its place in the "
+            f"tensor is {target.dtype} {list(target.shape)}"
+        )
+    in_bounds = lazy.storage_offset + lazy.numel <= lazy.storage.numel
+    if target.is_contiguous() and lazy.is_contiguous() and in_bounds and lazy.numel:
+        start = lazy.source.record_offset(lazy.storage.key)
+        flat = target.view(-1)  # a 0-dim tensor cannot be viewed as bytes; a 1-dim one can
+        lazy.source.read_into(start + lazy.storage_offset * target.element_size(), flat)
+    else:
+        target.copy_(lazy.materialize())
 
 
 class DcpFormat:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ckpt_core.errors import FormatError, KeyMismatchError, clip
-from ckpt_core.formats.dcp import Box, Recorded, check_cover, region, stand_in
+from ckpt_core.formats.dcp import Box, Recorded, check_cover, fill_from, region, stand_in
 from ckpt_core.reader import OpenOptions, Reader, SourceFacts, TensorInfo
 from ckpt_core.registry import register
 from ckpt_core.storage import Location
@@ -230,27 +230,27 @@ class FsdpRanksReader:
         whole: torch.Tensor | None = None  # a replicated value, to compare the other ranks with
         filled: set[Box] = set()
         for piece in pieces:
-            value = piece.local.materialize()
+            if piece.box is not None and piece.box not in filled:
+                fill_from(out[region(piece.box)], piece.local)  # the common case: no copy
+                filled.add(piece.box)
+                continue
+            if piece.box is None and whole is None:
+                fill_from(out, piece.local)
+                whole = out
+                continue
+            value = piece.local.materialize()  # a replica: compared, then dropped
             if piece.box is None:
-                if whole is None:
-                    whole = value
-                    out.copy_(value)
-                elif not torch.equal(whole, value):
+                if whole is None or not torch.equal(whole, value):
                     raise FormatError(
                         f"{self.root.file(self._files[piece.rank])}: replicated tensor {name} "
                         "differs from rank 0's copy (ranks disagree: the checkpoint is inconsistent)"
                     )
                 continue
-            target = out[region(piece.box)]
-            if piece.box in filled:
-                if not torch.equal(target, value):
-                    raise FormatError(
-                        f"{self.root.file(self._files[piece.rank])}: replicated piece of {name} at "
-                        f"{list(piece.box[0])} differs from another rank's copy"
-                    )
-                continue
-            target.copy_(value)
-            filled.add(piece.box)
+            if not torch.equal(out[region(piece.box)], value):
+                raise FormatError(
+                    f"{self.root.file(self._files[piece.rank])}: replicated piece of {name} at "
+                    f"{list(piece.box[0])} differs from another rank's copy"
+                )
         return out
 
     def facts(self) -> SourceFacts:

@@ -1,0 +1,175 @@
+"""Benchmark: a ~1 GB real DCP checkpoint to fp32 safetensors, ckptflow vs the reference tools.
+
+    .venv/bin/python bench/dcp.py            # generate (cached under bench/out/) and compare
+
+(a) ckptflow: `ckpt_core.convert.convert(src, dst, dtype="fp32")` (reads every tensor chunk by
+    chunk, writes sharded safetensors, verifies, publishes);
+(b) reference: `dcp_to_torch_save`, then `torch.load` of that file and `save_file`.
+Each variant runs in its own subprocess and reports its wall time and peak RSS
+(ru_maxrss), and the interpreter's RSS right after its imports (the baseline).
+The checkpoint is written by a real FSDP2 run (torchrun, 2 ranks, gloo) with dcp.save.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+OUT = HERE / "out"
+
+# Qwen2 shape of ~251M parameters (1.0 GB in fp32). The vocabulary is small so that the
+# largest tensor (11.5 MB: an MLP projection) is typical of the model rather than one
+# outsized embedding; the figures below say what the largest tensor is.
+CONFIG = dict(
+    vocab_size=8192,
+    hidden_size=1024,
+    intermediate_size=2816,
+    num_hidden_layers=20,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    max_position_embeddings=2048,
+    tie_word_embeddings=False,
+)
+
+
+def generate(out: str) -> None:
+    """Under torchrun: FSDP2-shard the model over the ranks and dcp.save it."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed import checkpoint as dcp
+    from torch.distributed.fsdp import fully_shard
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    dist.init_process_group("gloo")
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(**CONFIG))
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    dcp.save({"model": model.state_dict()}, checkpoint_id=out)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        model.config.save_pretrained(Path(out).parent / "base")
+    dist.destroy_process_group()
+
+
+def checkpoint() -> Path:
+    key = hashlib.sha256(
+        (json.dumps(CONFIG, sort_keys=True) + inspect.getsource(generate)).encode()
+    ).hexdigest()[:12]
+    root = OUT / f"dcp-{key}"
+    if (root / "_DONE").exists():
+        return root
+    sys.path.insert(0, str(REPO))
+    from tests.fixtures.fsdp_cache import free_port
+
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        __file__,
+        "generate",
+        str(root / "dcp"),
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    subprocess.run(command, check=True, env=env, cwd=REPO)
+    (root / "_DONE").write_text("ok\n")
+    return root
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def variant(name: str, src: str, dst: str, base: str) -> None:
+    """One measured run in this (fresh) process; prints a JSON line."""
+    import torch
+    from safetensors.torch import save_file
+
+    if name == "ckptflow":
+        from ckpt_core.convert import ConvertOptions, convert
+    else:
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    baseline = _rss_mb()
+    start = time.perf_counter()
+    if name == "ckptflow":
+        convert(src, dst, ConvertOptions(dtype="fp32", base=base))
+    else:
+        Path(dst).mkdir(parents=True, exist_ok=True)
+        dcp_to_torch_save(src, f"{dst}/full.pt")
+        state = torch.load(f"{dst}/full.pt", weights_only=True)["model"]
+        save_file({k: v.contiguous() for k, v in state.items()}, f"{dst}/model.safetensors")
+    wall = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(
+        json.dumps({"variant": name, "wall_s": wall, "peak_rss_mb": peak, "baseline_mb": baseline})
+    )
+
+
+def main() -> None:
+    root = checkpoint()
+    src = str(root / "dcp")
+    size = sum(f.stat().st_size for f in (root / "dcp").iterdir())
+    sys.path.insert(0, str(REPO))
+    from ckpt_core.registry import open_reader
+
+    index = open_reader(src).index()
+    largest = max(index.values(), key=lambda i: i.nbytes)
+    print(
+        f"checkpoint: {src}  {size / 1e9:.2f} GB on disk, {len(index)} tensors, "
+        f"largest {largest.name} {largest.nbytes / 1e6:.1f} MB"
+    )
+    results = {}
+    for name in ("ckptflow", "reference"):
+        dst = OUT / f"run-{name}"
+        shutil.rmtree(dst, ignore_errors=True)
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        done = subprocess.run(
+            [sys.executable, __file__, "variant", name, src, str(dst), str(root / "base")],
+            check=True,
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        )
+        results[name] = json.loads(done.stdout.strip().splitlines()[-1])
+        shutil.rmtree(dst, ignore_errors=True)
+        r = results[name]
+        print(
+            f"{name:>9}: wall {r['wall_s']:6.2f} s  peak RSS {r['peak_rss_mb']:7.0f} MB  "
+            f"(baseline after imports {r['baseline_mb']:.0f} MB, "
+            f"above baseline {r['peak_rss_mb'] - r['baseline_mb']:.0f} MB)"
+        )
+    a, b = results["ckptflow"], results["reference"]
+    print(
+        f"ratios ckptflow/reference: wall {a['wall_s'] / b['wall_s']:.2f} (target <= 0.5), "
+        f"peak RSS {a['peak_rss_mb'] / b['peak_rss_mb']:.3f} (target <= 0.125)"
+    )
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "generate":
+        generate(sys.argv[2])
+    elif len(sys.argv) > 1 and sys.argv[1] == "variant":
+        sys.path.insert(0, str(REPO))
+        variant(*sys.argv[2:6])
+    else:
+        main()
