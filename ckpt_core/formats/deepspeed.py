@@ -337,7 +337,12 @@ class DeepSpeedFormat:
         if any(MODEL_RE.match(n) for n in names):
             return True  # pointed at the tag dir itself
         if "latest" in names and not root.isdir("latest"):
-            return True
+            # `latest` alone is a common name: the tag it names must hold ZeRO model states.
+            try:
+                tag = root.read_text("latest").strip()
+                return bool(tag) and any(MODEL_RE.match(m) for m in root.child(tag).listdir())
+            except (OSError, UnicodeDecodeError, ValueError):
+                return False
         return any(
             n.startswith("global_step") and any(MODEL_RE.match(m) for m in root.child(n).listdir())
             for n in names
