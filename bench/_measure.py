@@ -1,0 +1,59 @@
+"""Run a snippet in a fresh interpreter and report wall time and peak RSS above its baseline.
+
+The baseline is the child's resident set after its imports; the peak is VmHWM at the end, so
+`peak - baseline` is what the work itself cost.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+
+_WRAPPER = """
+import json, time
+{imports}
+def _rss_kb(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1])
+    return 0
+_base = _rss_kb("VmRSS:")
+_t0 = time.perf_counter()
+{body}
+_wall = time.perf_counter() - _t0
+print("__MEASURE__" + json.dumps({{"wall_s": _wall, "base_mb": _base / 1024, "peak_mb": _rss_kb("VmHWM:") / 1024}}))
+"""
+
+
+@dataclass(frozen=True)
+class Figure:
+    name: str
+    wall_s: float
+    base_mb: float
+    peak_mb: float
+
+    @property
+    def above_base_mb(self) -> float:
+        return self.peak_mb - self.base_mb
+
+
+def measure(name: str, imports: str, body: str) -> Figure:
+    code = _WRAPPER.format(imports=textwrap.dedent(imports), body=textwrap.dedent(body))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
+    line = next(x for x in done.stdout.splitlines() if x.startswith("__MEASURE__"))
+    values = json.loads(line.removeprefix("__MEASURE__"))
+    return Figure(name, values["wall_s"], values["base_mb"], values["peak_mb"])
+
+
+def table(figures: list[Figure], data_mb: float) -> str:
+    rows = [f"{'variant':<44} {'wall s':>8} {'MB/s':>8} {'peak RSS MB':>12} {'above base MB':>14}"]
+    for f in figures:
+        rows.append(
+            f"{f.name:<44} {f.wall_s:8.2f} {data_mb / f.wall_s:8.0f} {f.peak_mb:12.0f} {f.above_base_mb:14.0f}"
+        )
+    return "\n".join(rows)
