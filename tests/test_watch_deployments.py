@@ -1,0 +1,45 @@
+"""The watch planner on real checkpoints, and prefect.yaml entrypoints that really exist."""
+
+from __future__ import annotations
+
+import importlib
+import shutil
+from pathlib import Path
+
+import yaml
+
+from ckpt_core.convert import ConvertOptions, convert
+from ckpt_core.watch import find_pending
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_find_pending_skips_published_and_non_checkpoints(
+    tiny_hf_dir: Path, tmp_path: Path
+) -> None:
+    runs, out = tmp_path / "runs", tmp_path / "hf"
+    shutil.copytree(tiny_hf_dir, runs / "step100")
+    shutil.copytree(tiny_hf_dir, runs / "step200")
+    (runs / "logs").mkdir()
+    (runs / "logs" / "train.log").write_text("loss 1.0")
+    convert(str(runs / "step100"), str(out / "step100"), ConvertOptions(dtype="fp32"))
+    pending = find_pending(str(runs), str(out))
+    assert [(Path(p.src).name, Path(p.dst).name, p.format) for p in pending] == [
+        ("step200", "step200", "hf")
+    ]
+
+
+def test_deployment_entrypoints_are_flows() -> None:
+    from prefect import Flow
+
+    spec = yaml.safe_load((ROOT / "deployments" / "prefect.yaml").read_text())
+    assert spec["deployments"]
+    for deployment in spec["deployments"]:
+        path, name = deployment["entrypoint"].split(":")
+        module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+        flow = getattr(module, name)
+        assert isinstance(flow, Flow), deployment["name"]
+        params = set(flow.parameters.properties)
+        assert set(deployment.get("parameters", {})) <= params, deployment["name"]
+        required = set(flow.parameters.required or [])
+        assert required <= set(deployment.get("parameters", {})), deployment["name"]
