@@ -200,10 +200,11 @@ def run_train_command(
     except subprocess.TimeoutExpired as e:
         raise TrainCommandError(f"train command timed out after {timeout_s} s: {command!r}") from e
     if done.returncode != 0:
-        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-5:])
+        # One line (the CLI prints errors as one): the output's last lines, joined.
+        tail = " | ".join((done.stderr or done.stdout).strip().splitlines()[-5:])
         raise TrainCommandError(
-            f"train command exited with code {done.returncode}: {' '.join(argv)}"
-            + (f"\n{tail}" if tail else "")
+            f"train command exited with code {done.returncode}: {shlex.join(argv)}"
+            + (f"; its last output: {tail}" if tail else "")
         )
     out = Location(output_url)
     if not out.exists(METADATA):

@@ -80,7 +80,8 @@ def vlm(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def _assert_same_model(out: Path, vlm: dict[str, Any]) -> None:
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    merged, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    loaded: Any = Qwen2_5_VLForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    merged, info = loaded
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert not info["mismatched_keys"]
     reference = vlm["model"]
@@ -161,9 +162,10 @@ def test_after_training_weights_move_and_load_strictly(vlm: dict[str, Any]) -> N
     result = train(str(root / "split"), str(root / "epoch-trained"), 2, steps=2)
     assert len(result.losses) == 2 and all(torch.isfinite(torch.tensor(result.losses)))
     merge(str(root / "epoch-trained"), str(root / "merged-trained"), str(root / "base"))
-    merged, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+    loaded: Any = Qwen2_5_VLForConditionalGeneration.from_pretrained(
         root / "merged-trained", output_loading_info=True
     )
+    merged, info = loaded
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
     ours, theirs = merged.state_dict(), vlm["model"].state_dict()
     changed = {n for n in theirs if not torch.equal(ours[n], theirs[n])}

@@ -129,9 +129,18 @@ def _saved_layout(family: Family) -> str:
 
     if family.model_type in _SAVED_LAYOUTS:
         return _SAVED_LAYOUTS[family.model_type]
-    with tempfile.TemporaryDirectory(prefix="ckptflow-layout-") as tmp:
-        family.tiny_model().save_pretrained(tmp)
-        names = list(open_reader(tmp, format_name="hf").index())
+    from transformers.utils import logging as hf_logging
+
+    # The probe is an implementation detail: no progress bar on the user's terminal.
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with tempfile.TemporaryDirectory(prefix="ckptflow-layout-") as tmp:
+            family.tiny_model().save_pretrained(tmp)
+            names = list(open_reader(tmp, format_name="hf").index())
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     layout = family.detect_layout(names, f"tiny {family.model_type} saved by transformers")
     _SAVED_LAYOUTS[family.model_type] = layout
     return layout
