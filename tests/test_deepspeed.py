@@ -22,7 +22,7 @@ from ckpt_core.formats.deepspeed import DeepSpeedFormat
 from ckpt_core.reader import OpenOptions, Reader
 from ckpt_core.registry import detect, open_reader
 from ckpt_core.storage import Location
-from tests.fixtures.deepspeed_cache import CASES, REPO, deepspeed_fixtures
+from tests.fixtures.deepspeed_cache import CASES, REPO, deepspeed_fixtures, overrides_for
 from tests.fixtures.tiny import build_tiny_qwen2
 
 pytestmark = pytest.mark.slow
@@ -55,7 +55,9 @@ def stage_of(case: str) -> int:
 
 def frozen_truth(case: str) -> torch.Tensor:
     """The frozen norm never trains: it is the initial weight, cast to bf16 by DeepSpeed."""
-    model = build_tiny_qwen2(seed=stage_of(case), tie_word_embeddings="_tied" in case)
+    model = build_tiny_qwen2(
+        seed=stage_of(case), tie_word_embeddings="_tied" in case, **overrides_for(case)
+    )
     return model.model.norm.weight.detach().to(torch.bfloat16)
 
 
@@ -104,6 +106,35 @@ def test_index_is_in_model_order(ds_root: Path, case: str) -> None:
         assert index["lm_head.weight"] == index["model.embed_tokens.weight"].__class__(
             "lm_head.weight", torch.float32, (320, 64)
         )
+
+
+def test_fixtures_exercise_padding(ds_root: Path) -> None:
+    """The 3-rank fixtures must really have padded params, or the tests above prove little."""
+    from ckpt_core.formats.deepspeed_layout import DEEPSPEED_GLOBALS
+    from ckpt_core.torchzip import LazyTorchFile
+
+    def optim(case: str) -> Any:
+        tag = ds_root / case / "ckpt" / "global_step2"
+        name = "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"
+        return LazyTorchFile(Location(str(tag)), name, extra_globals=DEEPSPEED_GLOBALS).obj[
+            "optimizer_state_dict"
+        ]
+
+    for case in ("stage1_aligned_ws3", "stage2_aligned_ws3"):
+        assert any(any(group) for group in optim(case)["param_alignment_paddings"]), case
+    shapes = open_reader(ckpt(ds_root, "stage3_ws3")).index()
+    assert any(info.numel % 3 for info in shapes.values())
+
+
+def test_parallel_reads_agree(ds_root: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    reader = open_reader(ckpt(ds_root, "stage3_ws3"))
+    names = list(reader.index())
+    with ThreadPoolExecutor(4) as pool:
+        parallel = list(pool.map(reader.read, names))
+    for name, tensor in zip(names, parallel, strict=True):
+        assert torch.equal(tensor, reader.read(name)), name
 
 
 @pytest.mark.parametrize("case", ["stage1", "stage2", "stage3", "stage3_ws3"])
@@ -244,7 +275,9 @@ def test_reader_never_imports_deepspeed(ds_root: Path) -> None:
     assert done.returncode == 0 and "clean" in done.stdout, done.stderr[-3000:]
 
 
-@pytest.mark.parametrize("case", ["stage1", "stage2", "stage3", "stage3_tied", "stage2_ws3"])
+@pytest.mark.parametrize(
+    "case", ["stage1", "stage2", "stage3", "stage3_tied", "stage2_aligned_ws3", "stage3_ws3"]
+)
 def test_convert_end_to_end(ds_root: Path, case: str, tmp_path: Path) -> None:
     convert_module = pytest.importorskip("ckpt_core.convert")
     from transformers import Qwen2ForCausalLM
