@@ -62,7 +62,7 @@ def main() -> None:
             "plain copy (I/O floor)",
             "import shutil, pathlib",
             f"""
-            dst = pathlib.Path({str(out / 'copy')!r}); dst.mkdir()
+            dst = pathlib.Path({str(out / "copy")!r}); dst.mkdir()
             for p in pathlib.Path({str(src)!r}).glob('*.safetensors'):
                 shutil.copyfile(p, dst / p.name)
             """,
@@ -84,8 +84,8 @@ def main() -> None:
             state = {{}}
             for p in sorted(pathlib.Path({str(src)!r}).glob('*.safetensors')):
                 state.update({{k: v.to(torch.bfloat16) for k, v in load_file(p).items()}})
-            pathlib.Path({str(out / 'baseline-bf16')!r}).mkdir()
-            save_file(state, {str(out / 'baseline-bf16' / 'model.safetensors')!r}, metadata={{'format': 'pt'}})
+            pathlib.Path({str(out / "baseline-bf16")!r}).mkdir()
+            save_file(state, {str(out / "baseline-bf16" / "model.safetensors")!r}, metadata={{'format': 'pt'}})
             """,
         ),
     ]

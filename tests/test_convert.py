@@ -36,12 +36,16 @@ def test_fp32_sharded_loads_strictly_with_identical_logits(
 ) -> None:
     before = _tree_digest(tiny_hf_dir)
     out = tmp_path / "out"
-    result = convert(str(tiny_hf_dir), str(out), ConvertOptions(dtype="fp32", max_shard_bytes=150_000))
+    result = convert(
+        str(tiny_hf_dir), str(out), ConvertOptions(dtype="fp32", max_shard_bytes=150_000)
+    )
     shards = sorted(out.glob("model-*.safetensors"))
     assert len(shards) >= 3
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(tiny_model.state_dict())
-    assert index["metadata"]["total_size"] == sum(t.nbytes for t in tiny_model.state_dict().values())
+    assert index["metadata"]["total_size"] == sum(
+        t.nbytes for t in tiny_model.state_dict().values()
+    )
     assert result.report is not None and result.report.ok
     assert result.report.tensors == len(tiny_model.state_dict())
     loaded = _load(out)
@@ -84,7 +88,7 @@ def test_bin_source_with_tied_head_drops_it(tmp_path: Path) -> None:
     result = convert(str(src), str(out), ConvertOptions(dtype="keep"))
     assert result.report is not None and result.report.dropped == ("lm_head.weight",)
     with safe_open(str(out / "model.safetensors"), "pt") as f:
-        assert "lm_head.weight" not in f.keys()
+        assert "lm_head.weight" not in list(f.keys())
     loaded = _load(out)
     ids = sample_input_ids()
     with torch.no_grad():
@@ -103,12 +107,16 @@ def test_untied_model_without_head_is_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
-def test_assets_from_base_and_no_stale_weights(tiny_model: Qwen2ForCausalLM, tmp_path: Path) -> None:
+def test_assets_from_base_and_no_stale_weights(
+    tiny_model: Qwen2ForCausalLM, tmp_path: Path
+) -> None:
     from safetensors.torch import save_file
 
     src, base = tmp_path / "train-out", tmp_path / "base"
     src.mkdir()
-    save_file(dict(tiny_model.state_dict()), str(src / "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        dict(tiny_model.state_dict()), str(src / "model.safetensors"), metadata={"format": "pt"}
+    )
     tiny_model.save_pretrained(base, max_shard_size="100KB")  # base has its own index and shards
     (base / "pytorch_model.bin").write_bytes(b"stale")
     (base / "tokenizer_config.json").write_text('{"model_max_length": 128}')
@@ -121,7 +129,9 @@ def test_assets_from_base_and_no_stale_weights(tiny_model: Qwen2ForCausalLM, tmp
     _load(out)
 
 
-def test_rerun_is_noop_different_refused_overwrite_replaces(tiny_hf_dir: Path, tmp_path: Path) -> None:
+def test_rerun_is_noop_different_refused_overwrite_replaces(
+    tiny_hf_dir: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "out"
     convert(str(tiny_hf_dir), str(out), ConvertOptions(dtype="fp32"))
     stamp = (out / "manifest.json").stat().st_mtime_ns
@@ -162,13 +172,19 @@ def test_a_corrupted_shard_fails_verification_and_publishes_nothing(
     assert not out.exists() and not work.exists()
 
 
-def test_memory_urls_end_to_end(tiny_model: Qwen2ForCausalLM, tiny_hf_dir: Path, tmp_path: Path) -> None:
+def test_memory_urls_end_to_end(
+    tiny_model: Qwen2ForCausalLM, tiny_hf_dir: Path, tmp_path: Path
+) -> None:
     import fsspec
 
     mem = fsspec.filesystem("memory")
     for p in tiny_hf_dir.iterdir():
         mem.pipe_file(f"/src-model/{p.name}", p.read_bytes())
-    convert("memory://src-model", "memory://converted", ConvertOptions(dtype="fp32", max_shard_bytes=200_000))
+    convert(
+        "memory://src-model",
+        "memory://converted",
+        ConvertOptions(dtype="fp32", max_shard_bytes=200_000),
+    )
     assert mem.exists("/converted/_SUCCESS")
     assert not mem.exists("/converted/.ckptflow-incomplete")
     local = tmp_path / "copy"

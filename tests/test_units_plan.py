@@ -9,8 +9,15 @@ from ckpt_core.units import parse_size_bytes
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("5GB", 5 * 10**9), ("500MB", 5 * 10**8), ("200KB", 200_000), ("1234", 1234),
-     ("1GiB", 2**30), ("1.5GB", 1_500_000_000), (7, 7)],
+    [
+        ("5GB", 5 * 10**9),
+        ("500MB", 5 * 10**8),
+        ("200KB", 200_000),
+        ("1234", 1234),
+        ("1GiB", 2**30),
+        ("1.5GB", 1_500_000_000),
+        (7, 7),
+    ],
 )
 def test_parse_size(text: str | int, expected: int) -> None:
     assert parse_size_bytes(text) == expected

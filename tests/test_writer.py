@@ -29,7 +29,9 @@ TENSORS = {
 
 def test_streamed_file_reads_back_with_safe_open(tmp_path: Path) -> None:
     layout = [(n, t.dtype, tuple(t.shape)) for n, t in TENSORS.items()]
-    record = write_safetensors(Location(str(tmp_path)), "x.safetensors", layout, TENSORS.__getitem__)
+    record = write_safetensors(
+        Location(str(tmp_path)), "x.safetensors", layout, TENSORS.__getitem__
+    )
     assert record.size_bytes == (tmp_path / "x.safetensors").stat().st_size
     with safe_open(str(tmp_path / "x.safetensors"), "pt") as f:
         assert f.metadata() == {"format": "pt"}
@@ -48,9 +50,13 @@ def test_header_reader_agrees_with_save_file(tmp_path: Path) -> None:
         assert torch.equal(read_tensor(root, "ref.safetensors", header.entries[name]), tensor)
 
 
-def _write_raw(path: Path, header: dict[str, object], data: bytes, declared: int | None = None) -> None:
+def _write_raw(
+    path: Path, header: dict[str, object], data: bytes, declared: int | None = None
+) -> None:
     text = json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", declared if declared is not None else len(text)) + text + data)
+    path.write_bytes(
+        struct.pack("<Q", declared if declared is not None else len(text)) + text + data
+    )
 
 
 @pytest.mark.parametrize(
