@@ -273,36 +273,59 @@ class DeepSpeedReader:
     def index(self) -> Mapping[str, TensorInfo]:
         return {name: entry.info for name, entry in self._entries.items()}
 
-    def read(self, name: str) -> torch.Tensor:
+    def _entry(self, name: str) -> _Entry:
         try:
-            entry = self._entries[name]
+            return self._entries[name]
         except KeyError:
             raise KeyError(f"{self._where}: no tensor named {name!r}") from None
+
+    def _segments(self, name: str, entry: _Entry) -> list[tuple[LazyTensor, int, int]]:
+        """The tensor's elements in C order as (flat source, first element, count) runs."""
         info = entry.info
         if entry.kind == "trainable" and entry.plan is not None:
-            out = torch.empty(info.numel, dtype=info.dtype)
-            filled = 0
+            runs = []
             for piece in entry.plan.pieces:
                 flat = self._groups[piece.rank][piece.group]
                 if piece.start + piece.count > flat.numel or flat.dtype != info.dtype:
                     raise FormatError(f"{flat.source.where}: {name} lies outside its flat group")
-                _read_elements(flat, piece.start, out[filled : filled + piece.count])
-                filled += piece.count
-            if filled != info.numel:
-                raise FormatError(f"{self._where}: {name}: found {filled} of {info.numel} elements")
-            return out.view(info.shape)
+                runs.append((flat, piece.start, piece.count))
+            return runs
         if entry.kind == "frozen" and self.stage == 3:
-            out = torch.empty(info.numel, dtype=info.dtype)
-            filled = 0
+            runs, filled = [], 0
             for fragment in entry.fragments:  # rank order; the tail of the last ones is padding
                 take = min(fragment.numel, info.numel - filled)
                 if take:
-                    _read_elements(
-                        _flat(fragment, self._where, name), 0, out[filled : filled + take]
-                    )
+                    runs.append((_flat(fragment, self._where, name), 0, take))
                 filled += take
-            return out.view(info.shape)
-        return entry.fragments[0].materialize()
+            return runs
+        return [(entry.fragments[0], 0, info.numel)]
+
+    def read(self, name: str) -> torch.Tensor:
+        entry = self._entry(name)
+        if entry.kind != "trainable" and not entry.fragments[0].is_contiguous():
+            return entry.fragments[0].materialize()
+        return self.read_range(name, 0, entry.info.numel).view(entry.info.shape)
+
+    def read_range(self, name: str, start: int, count: int) -> torch.Tensor:
+        """Elements [start, start+count) of a tensor in C order, 1-D: a big tensor can be
+        streamed in bounded chunks (a writer may use this when present)."""
+        entry = self._entry(name)
+        info = entry.info
+        if start < 0 or count < 0 or start + count > info.numel:
+            raise IndexError(f"{name}: elements [{start}, {start + count}) of {info.numel}")
+        if entry.kind != "trainable" and not entry.fragments[0].is_contiguous():
+            return entry.fragments[0].materialize().reshape(-1)[start : start + count].clone()
+        out = torch.empty(count, dtype=info.dtype)
+        position, filled, end = 0, 0, start + count
+        for flat, first, length in self._segments(name, entry):
+            lo, hi = max(start, position), min(end, position + length)
+            if lo < hi:
+                _read_elements(flat, first + lo - position, out[filled : filled + hi - lo])
+                filled += hi - lo
+            position += length
+        if position != info.numel or filled != count:
+            raise FormatError(f"{self._where}: {name}: found {position} of {info.numel} elements")
+        return out
 
     def facts(self) -> SourceFacts:
         return SourceFacts("deepspeed", list(self._files), list(self._notes))
