@@ -138,3 +138,18 @@ def test_convert_end_to_end_loads_in_transformers(fsdp_fixtures: Path, tmp_path:
         convert.ConvertOptions(dtype="fp32", base=str(fsdp_fixtures / "base")),
     )
     assert_loads_as_truth(out, load_truth(fsdp_fixtures))
+
+
+def test_reads_from_an_fsspec_filesystem(fsdp_fixtures: Path) -> None:
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    for path in (fsdp_fixtures / "dcp").iterdir():
+        fs.pipe(f"/dcp-test/{path.name}", path.read_bytes())
+    try:
+        assert detect("memory://dcp-test").name == "dcp"
+        reader = open_reader("memory://dcp-test")
+        for name, expected in load_truth(fsdp_fixtures).items():
+            assert torch.equal(reader.read(name), expected), name
+    finally:
+        fs.rm("/dcp-test", recursive=True)
