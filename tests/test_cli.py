@@ -83,3 +83,25 @@ def test_convert_prints_report(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert "OK: identical to the source" in out and "BF16: 1" in out
     assert main(["convert", str(src), str(tmp_path / "dst"), "--max-shard-size", "200KB"]) == 0
     assert "nothing to do" in capsys.readouterr().out
+
+
+def test_resolve_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for var in ("CKPTFLOW_PRETRAINED_PATH", "MINILLM_PRETRAINED_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    local, remote = tmp_path / "out", tmp_path / "remote"
+    local.mkdir()
+    remote.mkdir()
+    (local / "full_sft_512.pth").write_bytes(b"x")
+    args = ["resolve", "--stage", "full_sft", "--hidden-size", "512"]
+    assert main([*args, "--local-dir", str(local), "--remote-dir", str(remote)]) == 0
+    assert capsys.readouterr().out.strip().endswith("out/full_sft_512.pth")
+    (remote / "full_sft_512.pth").write_bytes(b"y")
+    assert main([*args, "--local-dir", str(local), "--remote-dir", str(remote)]) == 0
+    assert capsys.readouterr().out.strip().endswith("remote/full_sft_512.pth")
+    assert main([*args, "--path", str(tmp_path / "missing.pth")]) == 2
+    assert "missing.pth" in capsys.readouterr().err
+    assert main([*args, "--moe", "--local-dir", str(local)]) == 2
+    err = capsys.readouterr().err
+    assert "full_sft_512_moe.pth" in err and str(local) in err
