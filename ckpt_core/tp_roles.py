@@ -16,7 +16,7 @@ pieces do not fit the rule, is an error that names it.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -167,25 +167,48 @@ def merge(
     name: str, role: Role, pieces: Sequence[torch.Tensor], vocab_size: int | None = None
 ) -> torch.Tensor:
     """The full tensor from its rank pieces (rank order), per `role`."""
-    shape = merged_shape(name, role, [tuple(p.shape) for p in pieces], vocab_size)
-    dtypes = {p.dtype for p in pieces}
-    if len(dtypes) != 1:
-        raise FormatError(f"{name}: rank pieces have different dtypes {sorted(map(str, dtypes))}")
+    return merge_from(name, role, [tuple(p.shape) for p in pieces], lambda r: pieces[r], vocab_size)
+
+
+def merge_from(
+    name: str,
+    role: Role,
+    shapes: Sequence[tuple[int, ...]],
+    load: Callable[[int], torch.Tensor],
+    vocab_size: int | None = None,
+) -> torch.Tensor:
+    """Like `merge`, loading one rank's piece at a time (`load(rank)`) straight into the
+    output, so the peak is the full tensor plus one piece, not all pieces plus a copy."""
+    shape = merged_shape(name, role, shapes, vocab_size)
+    first = load(0)
     if role.kind is Kind.REPLICATED:
-        for rank, piece in enumerate(pieces[1:], start=1):
-            if not torch.equal(piece, pieces[0]):
+        for rank in range(1, len(shapes)):
+            piece = load(rank)
+            if piece.dtype != first.dtype:
+                raise FormatError(f"{name}: rank {rank} holds {piece.dtype}, rank 0 {first.dtype}")
+            if not torch.equal(piece, first):
                 raise FormatError(
                     f"{name}: replicated tensor differs between rank 0 and rank {rank}: "
                     "the ranks' copies diverged (a tensor-parallel training bug, or a wrong role)"
                 )
-        return pieces[0].contiguous()
-    if role.kind is Kind.FUSED:
-        blocks = [p.chunk(role.chunks, 0) for p in pieces]
-        out = torch.cat([torch.cat([b[i] for b in blocks]) for i in range(role.chunks)])
-    else:
-        dim = role.dim
-        assert dim is not None
-        out = torch.cat(list(pieces), dim)
-    if role.kind is Kind.VOCAB:
-        out = out[: shape[0]]
-    return out.contiguous()
+        return first.contiguous()
+    dim = role.dim
+    assert dim is not None
+    rows = sum(int(s[dim]) for s in shapes)  # before any vocab trim
+    out = torch.empty(shape[:dim] + (rows,) + shape[dim + 1 :], dtype=first.dtype)
+    # Where each rank's rows go: one slice, or one slice per fused block ([q_r; k_r; v_r]).
+    blocks = role.chunks if role.kind is Kind.FUSED else 1
+    block_rows = rows // blocks
+    offset = 0
+    for rank in range(len(shapes)):
+        piece = first if rank == 0 else load(rank)
+        if piece.dtype != first.dtype:
+            raise FormatError(f"{name}: rank {rank} holds {piece.dtype}, rank 0 {first.dtype}")
+        width = piece.shape[dim] // blocks
+        for b, part in enumerate(piece.split(width, dim) if blocks > 1 else [piece]):
+            out.narrow(dim, b * block_rows + offset, width).copy_(part)
+        offset += width
+        del piece
+    if role.kind is Kind.VOCAB and shape[0] != rows:
+        return out[: shape[0]].clone()  # own storage: no padding bytes behind the view
+    return out

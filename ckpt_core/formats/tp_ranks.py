@@ -25,7 +25,7 @@ from ckpt_core.reader import OpenOptions, SourceFacts, TensorInfo
 from ckpt_core.registry import open_reader, register
 from ckpt_core.storage import Location
 from ckpt_core.torchzip import LazyTensor, LazyTorchFile, iter_tensors
-from ckpt_core.tp_roles import Kind, Role, merge, merged_shape
+from ckpt_core.tp_roles import Kind, Role, merge_from, merged_shape
 
 METADATA = "metadata.json"
 _RANK_FILE = re.compile(r"rank_(\d+)\.pt")
@@ -276,8 +276,13 @@ class TpRanksReader:
         entry = self._entries.get(name)
         if entry is None:
             raise KeyMismatchError(f"{self.root.path}: no tensor {name!r}")
-        pieces = [p.materialize() for p in entry.pieces]
-        return merge(f"{entry.part} {entry.local}", entry.role, pieces, self.vocab_size)
+        return merge_from(
+            f"{entry.part} {entry.local}",
+            entry.role,
+            [p.shape for p in entry.pieces],
+            lambda rank: entry.pieces[rank].materialize(),
+            self.vocab_size,
+        )
 
     def facts(self) -> SourceFacts:
         files = [f for part in self.family.parts for f in self._rank_files(part.name)]
