@@ -6,7 +6,11 @@ CLI runs them in-process and the Prefect flow runs the same functions as tasks.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import os
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -15,17 +19,21 @@ from typing import Any
 
 import torch
 
-from ckpt_core import manifest
+from ckpt_core import __version__, manifest, retry
 from ckpt_core.assets import AssetSource, find_assets, read_config, tie_word_embeddings
 from ckpt_core.dtypes import itemsize, output_dtype, parse_target
 from ckpt_core.errors import FormatError, KeyMismatchError, VerifyError
+from ckpt_core.lock import destination_lock
 from ckpt_core.plan import SAFETENSORS_INDEX, ShardSpec, index_json, plan_shards
 from ckpt_core.publish import (
     Target,
+    abandon,
     check_destination,
     discard,
     finalize,
+    finished,
     prepare,
+    record_done,
     refuse_inside,
     target_for,
 )
@@ -103,6 +111,18 @@ class ConversionPlan:
     @property
     def tensor_count(self) -> int:
         return sum(len(s.tensors) for s in self.shards)
+
+    @property
+    def resume_key(self) -> str:
+        """What must be equal for a rerun to keep this plan's finished shards: the source (with
+        its fingerprint), the options, the shard layout and dtypes, the tool version."""
+        same = {
+            "identity": manifest.identity(self.source, self.options.recorded()),
+            "shards": [[s.filename, list(s.tensors)] for s in self.shards],
+            "dtypes": self.dtypes,
+            "version": __version__,
+        }
+        return hashlib.sha256(json.dumps(same, sort_keys=True).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -201,14 +221,38 @@ def _tied_names(
 
 
 def start(plan: ConversionPlan) -> str:
-    """Make a clean place to write into; returns its URL."""
-    return prepare(plan.target).url
+    """A place to write into, keeping a previous attempt's finished shards of the same plan;
+    returns its URL."""
+    return prepare(plan.target, plan.resume_key).url
+
+
+def lock(
+    plan: ConversionPlan, wait_seconds: float | None = None
+) -> contextlib.AbstractContextManager[None]:
+    """Hold the destination for the whole run (start to publish): a second run to the same
+    destination waits up to `wait_seconds` (CKPTFLOW_LOCK_WAIT_SECONDS, default 0) or fails."""
+    if wait_seconds is None:
+        wait_seconds = float(os.environ.get("CKPTFLOW_LOCK_WAIT_SECONDS", "0"))
+    return destination_lock(Location(plan.target.dst_url), wait_seconds)
+
+
+def still_needed(plan: ConversionPlan) -> bool:
+    """Checked again under the lock: another run may have published while this one waited."""
+    identity = manifest.identity(plan.source, plan.options.recorded())
+    return not check_destination(Location(plan.target.dst_url), identity, plan.options.overwrite)
+
+
+# Tests only: slows every tensor so that a test can kill a run at a chosen point.
+_TEST_DELAY_ENV = "CKPTFLOW_TEST_DELAY_PER_TENSOR_SECONDS"
 
 
 def _produce(plan: ConversionPlan) -> Callable[[str], torch.Tensor]:
     reader = reader_for(plan)
+    delay = float(os.environ.get(_TEST_DELAY_ENV, "0") or 0)
 
     def produce(name: str) -> torch.Tensor:
+        if delay:
+            time.sleep(delay)
         return reader.read(name).to(getattr(torch, plan.dtypes[name]))
 
     return produce
@@ -217,12 +261,22 @@ def _produce(plan: ConversionPlan) -> Callable[[str], torch.Tensor]:
 def write_shard(
     plan: ConversionPlan, shard_number: int, on_bytes: OnBytes | None = None
 ) -> FileRecord:
+    """Write one shard, or keep it when a previous attempt finished it (its bytes re-hashed)."""
     shard = plan.shards[shard_number]
+    work = Location(plan.target.work_url)
+    kept = finished(work, shard.filename)
+    if kept is not None:
+        if on_bytes:
+            on_bytes(shard.nbytes)
+        return kept
     index = reader_for(plan).index()
     layout = [(n, getattr(torch, plan.dtypes[n]), index[n].shape) for n in shard.tensors]
-    return write_safetensors(
-        Location(plan.target.work_url), shard.filename, layout, _produce(plan), on_bytes
+    record = retry.call(
+        work.file(shard.filename),
+        lambda: write_safetensors(work, shard.filename, layout, _produce(plan), on_bytes),
     )
+    record_done(work, record)
+    return record
 
 
 def write_index(plan: ConversionPlan) -> list[FileRecord]:
@@ -267,7 +321,7 @@ def publish(plan: ConversionPlan, files: Sequence[FileRecord], result: Report) -
     }
     data = manifest.build(plan.source, plan.options.recorded(), files, summary)
     record = write_bytes(Location(plan.target.work_url), manifest.MANIFEST, data)
-    finalize(plan.target)
+    finalize(plan.target, (*files, record))
     return ConvertResult(
         plan.target.dst_url, result, (*files, record), f"published {plan.target.dst_url}"
     )
@@ -279,27 +333,38 @@ def convert(
     options: ConvertOptions | None = None,
     on_bytes: OnBytes | None = None,
     workers: int = 2,
+    wait_seconds: float | None = None,
 ) -> ConvertResult:
     """The whole pipeline in this process; shards are written and verified on a thread pool."""
     return run_plan(
-        plan_conversion(src_url, dst_url, options or ConvertOptions()), on_bytes, workers
+        plan_conversion(src_url, dst_url, options or ConvertOptions()),
+        on_bytes,
+        workers,
+        wait_seconds,
     )
 
 
 def run_plan(
-    plan: ConversionPlan, on_bytes: OnBytes | None = None, workers: int = 2
+    plan: ConversionPlan,
+    on_bytes: OnBytes | None = None,
+    workers: int = 2,
+    wait_seconds: float | None = None,
 ) -> ConvertResult:
+    dst = plan.target.dst_url
+    nothing = ConvertResult(dst, None, (), f"{dst} already holds this conversion: nothing to do")
     if plan.already_done:
-        dst = plan.target.dst_url
-        return ConvertResult(dst, None, (), f"{dst} already holds this conversion: nothing to do")
-    start(plan)
-    try:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            numbers = range(len(plan.shards))
-            files = list(pool.map(lambda i: write_shard(plan, i, on_bytes), numbers))
-            files += write_index(plan) + copy_assets(plan)
-            checks = list(pool.map(lambda i: verify_one(plan, i, on_bytes), numbers))
-        return publish(plan, files, report(plan, checks, len(files) - len(checks)))
-    except BaseException:
-        discard(plan.target)
-        raise
+        return nothing
+    with lock(plan, wait_seconds):
+        if not still_needed(plan):
+            return nothing
+        start(plan)
+        try:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                numbers = range(len(plan.shards))
+                files = list(pool.map(lambda i: write_shard(plan, i, on_bytes), numbers))
+                files += write_index(plan) + copy_assets(plan)
+                checks = list(pool.map(lambda i: verify_one(plan, i, on_bytes), numbers))
+            return publish(plan, files, report(plan, checks, len(files) - len(checks)))
+        except BaseException as e:
+            abandon(plan.target, e)
+            raise

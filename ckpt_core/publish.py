@@ -1,25 +1,41 @@
-"""Publishing: nothing at the destination looks complete until all of it is there.
+"""Publishing: nothing at the destination looks complete until all of it is there, and a run that
+died halfway is resumed, not redone.
 
 Local filesystems: files go to a staging directory beside the destination, which is renamed
 into place in one step. Object stores (no rename): files go to the destination itself, data
-first, then the index, then manifest.json, and the `_SUCCESS` marker last; a destination
-without the marker is incomplete, and ckptflow's readers require the marker.
+first, then the index, then manifest.json, and the `_SUCCESS` marker last, created with
+create-only semantics (If-None-Match on S3); a destination without the marker is incomplete, and
+ckptflow's readers require the marker.
+
+Resume: the work directory holds `.ckptflow-incomplete` with the plan's identity, and a small
+done-record (size, sha256) per finished shard in `.ckptflow-done/`. Each shard appears whole
+(a local temporary name renamed when complete; an object when its upload completes) before its
+record is written. A rerun of the same plan keeps every shard whose record matches and whose
+bytes hash to it, and rewrites the rest; a different plan starts from a clean directory. The
+bookkeeping is removed before the marker, so the published files are the same as an
+uninterrupted run's.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import posixpath
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ckpt_core.errors import PublishError
+from ckpt_core.errors import CkptError, PublishError
 from ckpt_core.manifest import SUCCESS, read_published
+from ckpt_core.retry import StorageUnavailableError
 from ckpt_core.storage import Location
+from ckpt_core.writer import FileRecord, hash_file
 
 STAGING_SUFFIX = ".ckptflow-staging"
-INCOMPLETE = ".ckptflow-incomplete"  # marks an in-place output that is still being written
+INCOMPLETE = ".ckptflow-incomplete"  # marks unfinished work; holds the plan identity
+DONE_DIR = ".ckptflow-done"  # one record per finished shard
+BOOKKEEPING = (INCOMPLETE, DONE_DIR)
 
 
 @dataclass(frozen=True)
@@ -82,23 +98,71 @@ def refuse_inside(dst: Location, protected: Location, role: str) -> None:
         )
 
 
-def prepare(target: Target) -> Location:
-    """A clean, empty place to write into."""
+def prepare(target: Target, identity: str | None = None) -> Location:
+    """A place to write into: the unfinished work of the same plan (`identity`) is kept for
+    resuming; anything else there is removed first (the marker before the rest)."""
     work = Location(target.work_url)
+    if identity is not None and _work_identity(work) == identity:
+        return work
     if work.exists():
-        work.fs.rm(work.path, recursive=True)
+        work.remove(SUCCESS)
+        work.remove(recursive=True)
     work.fs.makedirs(work.path, exist_ok=True)
-    if not target.staged:
-        work.fs.pipe_file(work.file(INCOMPLETE), b"")
+    work.put_bytes(INCOMPLETE, (identity or "").encode())
     return work
 
 
-def finalize(target: Target) -> None:
-    """Marker last, then (locally) one rename into place."""
+def _work_identity(work: Location) -> str | None:
+    try:
+        if not work.exists(INCOMPLETE) or work.exists(SUCCESS):
+            return None
+        return work.read_text(INCOMPLETE)
+    except (FileNotFoundError, UnicodeDecodeError):
+        return None
+
+
+def _record_name(filename: str) -> str:
+    return f"{DONE_DIR}/{filename}.json"
+
+
+def record_done(work: Location, record: FileRecord) -> None:
+    """Written only after the shard is whole at its final name."""
+    data = json.dumps({"size": record.size_bytes, "sha256": record.sha256}, sort_keys=True)
+    work.put_bytes(_record_name(record.name), data.encode())
+
+
+def finished(work: Location, filename: str) -> FileRecord | None:
+    """The shard's record if a previous attempt finished it and its bytes still hash to it."""
+    try:
+        recorded = json.loads(work.read_text(_record_name(filename)))
+        size, sha256 = int(recorded["size"]), str(recorded["sha256"])
+    except (FileNotFoundError, ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return None
+    if not work.exists(filename) or work.size(filename) != size:
+        return None
+    actual = hash_file(work, filename)
+    return actual if actual.sha256 == sha256 else None
+
+
+def finalize(target: Target, files: Sequence[FileRecord] | None = None) -> None:
+    """Check the files, drop the bookkeeping, marker last (create-only), then (locally) one
+    rename into place. `files`: every file the output must hold (the manifest's list)."""
     work = Location(target.work_url)
-    work.fs.pipe_file(work.file(SUCCESS), b"")
+    if files is not None:
+        _sweep(work, {f.name for f in files})
+        _check_present(work, files)
+    work.remove(DONE_DIR, recursive=True)
+    if target.staged:
+        work.remove(INCOMPLETE)
+    try:
+        work.put_bytes(SUCCESS, b"", create_only=True)
+    except FileExistsError as e:
+        raise PublishError(
+            f"{target.dst_url}: another run published this destination while this one was "
+            "writing it; nothing of this run was published over it"
+        ) from e
     if not target.staged:
-        work.fs.rm(work.file(INCOMPLETE))
+        work.remove(INCOMPLETE)
         return
     dst = Location(target.dst_url)
     old = dst.path + ".ckptflow-old"
@@ -111,11 +175,46 @@ def finalize(target: Target) -> None:
         shutil.rmtree(old)
 
 
+def _sweep(work: Location, expected: set[str]) -> None:
+    """Leftovers of an interrupted attempt (a half-written temporary, a file of a step that
+    wrote differently last time) never reach the output."""
+    keep = expected | {SUCCESS, *BOOKKEEPING}
+    for path in work.fs.find(work.path):
+        relative = posixpath.relpath(path, work.path)
+        top = relative.split("/", 1)[0]
+        if relative not in keep and top not in BOOKKEEPING:
+            work.remove(relative)  # e.g. a model-00002-of-00005.safetensors.ckptflow-part
+
+
+def _check_present(work: Location, files: Sequence[FileRecord]) -> None:
+    for record in files:
+        try:
+            size = work.size(record.name)
+        except FileNotFoundError:
+            size = -1
+        if size != record.size_bytes:
+            raise PublishError(
+                f"{work.file(record.name)}: expected {record.size_bytes} bytes before publishing, "
+                f"found {'no file' if size < 0 else f'{size} bytes'} (the store lost a write?); "
+                "nothing was published, run again to rewrite it"
+            )
+
+
 def discard(target: Target) -> None:
-    """After a failure: staged files go; an in-place destination loses its marker only."""
+    """After a failure that a rerun cannot fix: the unfinished work goes (marker first)."""
     work = Location(target.work_url)
-    if target.staged:
-        with contextlib.suppress(FileNotFoundError):
-            work.fs.rm(work.path, recursive=True)
-    elif work.exists(SUCCESS):
-        work.fs.rm(work.file(SUCCESS))
+    with contextlib.suppress(FileNotFoundError):
+        work.remove(SUCCESS)
+        work.remove(recursive=True)
+
+
+def resumable(error: BaseException) -> bool:
+    """Interrupts and storage trouble keep the finished shards for a rerun; a bad input or a
+    failed verification does not (a rerun would only meet the same failure)."""
+    return isinstance(error, StorageUnavailableError) or not isinstance(error, CkptError)
+
+
+def abandon(target: Target, error: BaseException) -> None:
+    """After a failure: keep resumable work (nothing of it looks complete), discard the rest."""
+    if not resumable(error):
+        discard(target)

@@ -51,7 +51,7 @@ def write_safetensors(
     """Write one shard. `produce(name)` returns the tensor already in its output dtype."""
     header, sizes = build_header(list(tensors), SAFETENSORS_METADATA)
     expected = {name: (dtype, shape) for name, dtype, shape in tensors}
-    with root.fs.open(root.file(filename), "wb") as handle:
+    with root.writing(filename) as handle:
         out = HashingWriter(handle)
         out.write(header)
         for name, nbytes in sizes:
@@ -70,7 +70,14 @@ def write_safetensors(
 
 
 def write_bytes(root: Location, filename: str, data: bytes) -> FileRecord:
-    with root.fs.open(root.file(filename), "wb") as handle:
-        out = HashingWriter(handle)
-        out.write(data)
-    return FileRecord(filename, out.size_bytes, out.sha256)
+    root.put_bytes(filename, data)
+    return FileRecord(filename, len(data), hashlib.sha256(data).hexdigest())
+
+
+def hash_file(root: Location, filename: str, chunk_bytes: int = 16 * 2**20) -> FileRecord:
+    """Size and sha256 of a written file, read back by ranges (a resumed run checks its shards)."""
+    size = root.size(filename)
+    digest = hashlib.sha256()
+    for start in range(0, size, chunk_bytes):
+        digest.update(root.read_bytes(filename, start, min(size, start + chunk_bytes)))
+    return FileRecord(filename, size, digest.hexdigest())

@@ -8,7 +8,8 @@ from typing import Any
 from prefect import flow, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from ckpt_core.convert import options_from, report
+from ckpt_core.convert import lock, options_from, report, still_needed
+from ckpt_core.publish import resumable
 from tasks import convert as steps
 
 
@@ -35,17 +36,23 @@ def convert_flow(
         return {"dst": dst, "published": False, "already_done": True}
     for warning in conversion.warnings:
         print(f"warning: {warning}")
-    steps.start(conversion)
-    numbers = list(range(len(conversion.shards)))
-    try:
-        files = [f.result() for f in steps.write_shard.map(unmapped(conversion), numbers)]
-        files += steps.write_index_and_assets(conversion)
-        checks = [f.result() for f in steps.verify_shard.map(unmapped(conversion), numbers)]
-        verified = report(conversion, checks, len(files) - len(checks))
-        steps.report_artifact(conversion, verified)
-        result = steps.publish(conversion, files, verified)
-    except BaseException:
-        steps.discard(conversion)
-        raise
+    # The flow run holds the destination from start to publish; tasks may run anywhere.
+    with lock(conversion):
+        if not still_needed(conversion):
+            print(f"{dst} already holds this conversion: nothing to do")
+            return {"dst": dst, "published": False, "already_done": True}
+        steps.start(conversion)
+        numbers = list(range(len(conversion.shards)))
+        try:
+            files = [f.result() for f in steps.write_shard.map(unmapped(conversion), numbers)]
+            files += steps.write_index_and_assets(conversion)
+            checks = [f.result() for f in steps.verify_shard.map(unmapped(conversion), numbers)]
+            verified = report(conversion, checks, len(files) - len(checks))
+            steps.report_artifact(conversion, verified)
+            result = steps.publish(conversion, files, verified)
+        except BaseException as e:
+            # Finished shards stay for a rerun unless the input itself is bad.
+            steps.discard(conversion, resumable(e))
+            raise
     print(f"{result.message}\n{verified.text()}")
     return {"dst": dst, "published": True, "tensors": verified.tensors, "files": len(result.files)}

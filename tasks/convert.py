@@ -60,5 +60,8 @@ def report_artifact(conversion: core.ConversionPlan, report: Report) -> None:
 
 
 @task(name="discard", cache_policy=NO_CACHE)
-def discard(conversion: core.ConversionPlan) -> None:
-    core.discard(conversion.target)
+def discard(conversion: core.ConversionPlan, keep_for_resume: bool = False) -> None:
+    """After a failure; `keep_for_resume`: leave finished shards for a rerun (nothing of them
+    looks complete)."""
+    if not keep_for_resume:
+        core.discard(conversion.target)

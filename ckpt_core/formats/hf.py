@@ -13,7 +13,7 @@ import torch
 from ckpt_core.errors import FormatError, clip
 from ckpt_core.reader import OpenOptions, SourceFacts, TensorInfo
 from ckpt_core.registry import register
-from ckpt_core.safetensors_header import Entry, read_header, read_tensor
+from ckpt_core.safetensors_header import Entry, read_elements, read_header, read_tensor
 from ckpt_core.storage import Location, safe_relative
 from ckpt_core.torchzip import LazyTensor, LazyTorchFile, iter_tensors
 
@@ -82,6 +82,10 @@ class SafetensorsReader:
         file, entry = self._entries[name]
         return read_tensor(self.root, file, entry)
 
+    def read_range(self, name: str, start: int, count: int) -> torch.Tensor:
+        file, entry = self._entries[name]
+        return read_elements(self.root, file, entry, start, count)
+
     def facts(self) -> SourceFacts:
         return SourceFacts("hf-safetensors", list(self.files))
 
@@ -117,6 +121,9 @@ class TorchBinReader:
     def read(self, name: str) -> torch.Tensor:
         return self._tensors[name].materialize()
 
+    def read_range(self, name: str, start: int, count: int) -> torch.Tensor:
+        return self._tensors[name].read_range(start, count)
+
     def facts(self) -> SourceFacts:
         return SourceFacts("hf-bin", list(self.files))
 
@@ -134,6 +141,12 @@ class HFFormat:
 
     def open(self, root: Location, options: OpenOptions) -> SafetensorsReader | TorchBinReader:
         names = set(root.listdir())
+        if names & {"manifest.json", ".ckptflow-incomplete"} and "_SUCCESS" not in names:
+            # ckptflow's own output is only complete with its marker (written last).
+            raise FormatError(
+                f"{root.url}: an unfinished ckptflow output (no _SUCCESS marker): a conversion "
+                "to it died or is still running; run that conversion again to finish it"
+            )
         if SAFETENSORS_INDEX in names:
             weight_map = read_weight_map(root, SAFETENSORS_INDEX)
             return SafetensorsReader(root, sorted(set(weight_map.values())), weight_map)
