@@ -124,6 +124,21 @@ def build_header(
     return struct.pack("<Q", len(text)) + text, sizes
 
 
+def read_elements(
+    root: Location, relative: str, entry: Entry, start: int, count: int
+) -> torch.Tensor:
+    """Elements [start, start+count) of a tensor, flat, by one ranged read."""
+    size = itemsize(entry.dtype)
+    if start < 0 or count < 0 or entry.begin + (start + count) * size > entry.end:
+        raise IndexError(
+            f"{root.file(relative)}: {entry.name}: elements [{start}, {start + count})"
+        )
+    flat = torch.empty(count, dtype=entry.dtype)
+    if count:
+        root.read_into(relative, entry.begin + start * size, flat.view(torch.uint8).numpy().data)
+    return flat
+
+
 def read_tensor(root: Location, relative: str, entry: Entry) -> torch.Tensor:
     tensor = torch.empty(entry.shape, dtype=entry.dtype)
     if entry.end > entry.begin:

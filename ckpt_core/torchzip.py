@@ -90,6 +90,27 @@ class LazyTensor:
             expected *= size
         return True
 
+    def read_range(self, start: int, count: int) -> torch.Tensor:
+        """Elements [start, start+count) in C order, 1-D: one ranged read when contiguous."""
+        if start < 0 or count < 0 or start + count > self.numel:
+            raise IndexError(
+                f"{self.source.where}: elements [{start}, {start + count}) of {self.numel}"
+            )
+        if not self.is_contiguous():
+            return self.materialize().reshape(-1)[start : start + count].clone()
+        if self.storage_offset + self.numel > self.storage.numel:
+            raise FormatError(
+                f"{self.source.where}: tensor exceeds its storage {self.storage.key!r}"
+            )
+        flat = torch.empty(count, dtype=self.dtype)
+        if count:
+            size = itemsize(self.dtype)
+            begin = (
+                self.source.record_offset(self.storage.key) + (self.storage_offset + start) * size
+            )
+            self.source.read_into(begin, flat)
+        return flat
+
     def materialize(self) -> torch.Tensor:
         span = self._span_elements()
         if self.storage_offset + span > self.storage.numel:
