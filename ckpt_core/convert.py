@@ -354,17 +354,20 @@ def run_plan(
     nothing = ConvertResult(dst, None, (), f"{dst} already holds this conversion: nothing to do")
     if plan.already_done:
         return nothing
-    with lock(plan, wait_seconds):
-        if not still_needed(plan):
-            return nothing
-        start(plan)
-        try:
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                numbers = range(len(plan.shards))
-                files = list(pool.map(lambda i: write_shard(plan, i, on_bytes), numbers))
-                files += write_index(plan) + copy_assets(plan)
-                checks = list(pool.map(lambda i: verify_one(plan, i, on_bytes), numbers))
-            return publish(plan, files, report(plan, checks, len(files) - len(checks)))
-        except BaseException as e:
-            abandon(plan.target, e)
-            raise
+    try:
+        with lock(plan, wait_seconds):
+            if not still_needed(plan):
+                return nothing
+            start(plan)
+            try:
+                with ThreadPoolExecutor(max_workers=workers) as pool:
+                    numbers = range(len(plan.shards))
+                    files = list(pool.map(lambda i: write_shard(plan, i, on_bytes), numbers))
+                    files += write_index(plan) + copy_assets(plan)
+                    checks = list(pool.map(lambda i: verify_one(plan, i, on_bytes), numbers))
+                return publish(plan, files, report(plan, checks, len(files) - len(checks)))
+            except BaseException as e:
+                abandon(plan.target, e)
+                raise
+    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
+        raise retry.explain(e, dst) from e

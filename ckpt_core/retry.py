@@ -91,6 +91,22 @@ class StorageUnavailableError(CkptError):
     """Transient storage errors outlasted the retries. The work so far is kept for a rerun."""
 
 
+class StorageRefusedError(CkptError):
+    """A permanent storage failure (missing bucket or file, permission denied)."""
+
+
+def explain(error: OSError, where: str) -> StorageRefusedError:
+    """A one-line message for a permanent storage error; credentials never appear in it."""
+    what = {
+        FileNotFoundError: "does not exist (check the bucket and path)",
+        PermissionError: "permission denied (check the credentials and the bucket policy)",
+        IsADirectoryError: "is a directory, expected a file",
+        NotADirectoryError: "is a file, expected a directory",
+    }.get(type(error), "cannot be accessed")
+    name = error.filename or where
+    return StorageRefusedError(f"{name}: {what} ({type(error).__name__}: {error})")
+
+
 def set_policy(policy: RetryPolicy) -> RetryPolicy:
     """Replace the process-wide policy (tests shorten the waits); returns the old one."""
     global POLICY

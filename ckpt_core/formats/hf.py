@@ -137,7 +137,15 @@ class HFFormat:
 
     def detect(self, root: Location) -> bool:
         names = set(root.listdir())
-        return bool(names & {SAFETENSORS_SINGLE, SAFETENSORS_INDEX, BIN_SINGLE, BIN_INDEX})
+        # An unfinished ckptflow output is claimed too, so that open() says what it is.
+        markers = {
+            SAFETENSORS_SINGLE,
+            SAFETENSORS_INDEX,
+            BIN_SINGLE,
+            BIN_INDEX,
+            ".ckptflow-incomplete",
+        }
+        return bool(names & markers)
 
     def open(self, root: Location, options: OpenOptions) -> SafetensorsReader | TorchBinReader:
         names = set(root.listdir())
