@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import io
+import math
 import pickle
 import struct
 import zipfile
@@ -65,10 +66,7 @@ class LazyTensor:
 
     @property
     def numel(self) -> int:
-        count = 1
-        for dim in self.shape:
-            count *= dim
-        return count
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:

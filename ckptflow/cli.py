@@ -122,34 +122,16 @@ def run_detect(args: argparse.Namespace) -> int:
 def run_convert(args: argparse.Namespace) -> int:
     from ckpt_core.convert import options_from
 
-    options = options_from(
-        args.dtype,
-        args.max_shard_size,
-        args.base,
-        args.overwrite,
-        args.tag,
-        args.exclude_frozen,
-        args.allow_missing,
-        args.format,
-    )
+    # The flow's parameters and options_from's are the same flat flags, in the same order.
+    flags = (args.dtype, args.max_shard_size, args.base, args.overwrite, args.tag,
+             args.exclude_frozen, args.allow_missing, args.format)  # fmt: skip
     if args.prefect:
         from flows.convert import convert_flow
 
-        outcome = convert_flow(
-            args.src,
-            args.dst,
-            args.dtype,
-            args.max_shard_size,
-            args.base,
-            args.overwrite,
-            args.tag,
-            args.exclude_frozen,
-            args.allow_missing,
-            args.format,
-        )
+        outcome = convert_flow(args.src, args.dst, *flags)
         print(json.dumps(outcome))
         return 0
-    return convert_in_process(args.src, args.dst, options, args.workers)
+    return convert_in_process(args.src, args.dst, options_from(*flags), args.workers)
 
 
 def convert_in_process(src: str, dst: str, options: ConvertOptions, workers: int) -> int:
