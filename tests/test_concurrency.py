@@ -101,3 +101,26 @@ def test_marker_written_by_someone_else_stops_the_publish(tmp_path: Path) -> Non
     with pytest.raises(PublishError, match="another run published"):
         finalize(target)
     assert Location("memory://raced").exists("_SUCCESS")
+
+
+def test_object_store_lock_of_another_host_blocks_until_stale() -> None:
+    """A holder on another machine cannot be probed: its heartbeat decides."""
+    import json
+
+    from ckpt_core.lock import destination_lock
+
+    dst = Location("memory://locks/out")
+    parent = Location("memory://locks")
+    holder = {"owner": "x", "host": "elsewhere", "pid": 1, "heartbeat": time.time()}
+    parent.put_bytes(".out.ckptflow-lock", json.dumps(holder).encode())
+    with (
+        pytest.raises(PublishError, match=r"pid 1 on elsewhere, last heartbeat \d+s ago"),
+        destination_lock(dst, wait_seconds=0.3, stale_seconds=60),
+    ):
+        pass
+    holder["heartbeat"] = time.time() - 120  # stopped beating two minutes ago
+    parent.put_bytes(".out.ckptflow-lock", json.dumps(holder).encode())
+    with destination_lock(dst, stale_seconds=60):
+        mine = json.loads(parent.read_bytes(".out.ckptflow-lock"))
+        assert mine["owner"] != "x" and mine["pid"] == os.getpid()
+    assert not parent.exists(".out.ckptflow-lock")
