@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -30,6 +30,7 @@ from ckpt_core.publish import (
     abandon,
     check_destination,
     discard,
+    ensure_unfinished,
     finalize,
     finished,
     prepare,
@@ -40,6 +41,7 @@ from ckpt_core.publish import (
 from ckpt_core.reader import OpenOptions, Reader, TensorInfo
 from ckpt_core.registry import detect, get_format
 from ckpt_core.storage import Location
+from ckpt_core.stream import source_chunks
 from ckpt_core.units import parse_size_bytes
 from ckpt_core.verify import Report, ShardCheck, combine, verify_shard
 from ckpt_core.writer import FileRecord, write_bytes, write_safetensors
@@ -246,16 +248,18 @@ def still_needed(plan: ConversionPlan) -> bool:
 _TEST_DELAY_ENV = "CKPTFLOW_TEST_DELAY_PER_TENSOR_SECONDS"
 
 
-def _produce(plan: ConversionPlan) -> Callable[[str], torch.Tensor]:
+def _chunks(plan: ConversionPlan) -> Callable[[str], Iterator[torch.Tensor]]:
+    """Source tensors as bounded flat chunks, cast to their output dtype."""
     reader = reader_for(plan)
+    index = reader.index()
     delay = float(os.environ.get(_TEST_DELAY_ENV, "0") or 0)
 
-    def produce(name: str) -> torch.Tensor:
+    def chunks(name: str) -> Iterator[torch.Tensor]:
         if delay:
             time.sleep(delay)
-        return reader.read(name).to(getattr(torch, plan.dtypes[name]))
+        return source_chunks(reader, index[name], getattr(torch, plan.dtypes[name]))
 
-    return produce
+    return chunks
 
 
 def write_shard(
@@ -271,10 +275,13 @@ def write_shard(
         return kept
     index = reader_for(plan).index()
     layout = [(n, getattr(torch, plan.dtypes[n]), index[n].shape) for n in shard.tensors]
-    record = retry.call(
-        work.file(shard.filename),
-        lambda: write_safetensors(work, shard.filename, layout, _produce(plan), on_bytes),
-    )
+
+    def attempt() -> FileRecord:
+        ensure_unfinished(plan.target)
+        return write_safetensors(work, shard.filename, layout, _chunks(plan), on_bytes)
+
+    record = retry.call(work.file(shard.filename), attempt)
+    ensure_unfinished(plan.target)
     record_done(work, record)
     return record
 
@@ -296,7 +303,7 @@ def verify_one(
     plan: ConversionPlan, shard_number: int, on_bytes: OnBytes | None = None
 ) -> ShardCheck:
     return verify_shard(
-        Location(plan.target.work_url), plan.shards[shard_number], _produce(plan), on_bytes
+        Location(plan.target.work_url), plan.shards[shard_number], _chunks(plan), on_bytes
     )
 
 

@@ -112,6 +112,18 @@ def prepare(target: Target, identity: str | None = None) -> Location:
     return work
 
 
+def ensure_unfinished(target: Target) -> None:
+    """Before each in-place write: the work must still carry its marker. An object store that
+    lost it (a restarted server, a lifecycle rule) would otherwise collect shards that no run
+    recognises as its own."""
+    work = Location(target.work_url)
+    if not target.staged and not work.exists(INCOMPLETE):
+        raise PublishError(
+            f"{work.url}: its {INCOMPLETE} marker vanished while writing (the store lost data); "
+            "nothing was published: run the conversion again"
+        )
+
+
 def _work_identity(work: Location) -> str | None:
     try:
         if not work.exists(INCOMPLETE) or work.exists(SUCCESS):

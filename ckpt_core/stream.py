@@ -38,11 +38,11 @@ def chunk_spans(
 
 
 def source_chunks(
-    reader: Reader, info: TensorInfo, out_dtype: torch.dtype, chunk_bytes: int = CHUNK_BYTES
+    reader: Reader, info: TensorInfo, out_dtype: torch.dtype, chunk_bytes: int | None = None
 ) -> Iterator[torch.Tensor]:
     """A tensor as flat chunks in `out_dtype`, spans as `chunk_spans` on the wider of the two dtypes."""
     widest = info.dtype if itemsize(info.dtype) >= itemsize(out_dtype) else out_dtype
-    spans = chunk_spans(info.numel, widest, chunk_bytes)
+    spans = chunk_spans(info.numel, widest, chunk_bytes or CHUNK_BYTES)
     if len(spans) > 1 and isinstance(reader, RangeReader):
         for start, count in spans:
             yield reader.read_range(info.name, start, count).to(out_dtype)

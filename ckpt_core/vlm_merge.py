@@ -23,7 +23,7 @@ from ckpt_core.errors import CkptError, VerifyError
 from ckpt_core.reader import OpenOptions
 from ckpt_core.storage import Location
 from ckpt_core.torchzip import LazyTorchFile, iter_tensors
-from ckpt_core.verify import ShardCheck, _identical
+from ckpt_core.verify import ShardCheck, identical
 from ckpt_core.vlm_split import sha256_file
 from ckpt_core.writer import FileRecord, write_bytes
 
@@ -102,7 +102,7 @@ def _write_bin(plan: conv.ConversionPlan) -> tuple[list[FileRecord], list[ShardC
     written = dict(iter_tensors(LazyTorchFile(work, BIN_FILE).obj))
     if set(written) != set(names):
         raise VerifyError(f"{work.file(BIN_FILE)}: holds other tensors than planned")
-    mismatches = tuple(n for n in names if not _identical(written[n].materialize(), produce(n)))
+    mismatches = tuple(n for n in names if not identical(written[n].materialize(), produce(n)))
     dtypes: dict[str, int] = {}
     for n in names:
         dtypes[plan.dtypes[n]] = dtypes.get(plan.dtypes[n], 0) + 1

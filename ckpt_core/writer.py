@@ -4,7 +4,8 @@ in memory. The file is hashed as it is written, for the manifest."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +13,7 @@ import torch
 from ckpt_core.errors import CkptError
 from ckpt_core.safetensors_header import build_header
 from ckpt_core.storage import Location
+from ckpt_core.stream import prefetch
 
 SAFETENSORS_METADATA = {"format": "pt"}  # transformers refuses files without it
 
@@ -45,27 +47,36 @@ def write_safetensors(
     root: Location,
     filename: str,
     tensors: Sequence[tuple[str, torch.dtype, tuple[int, ...]]],
-    produce: Callable[[str], torch.Tensor],
+    chunks: Callable[[str], Iterator[torch.Tensor]],
     on_bytes: Callable[[int], None] | None = None,
 ) -> FileRecord:
-    """Write one shard. `produce(name)` returns the tensor already in its output dtype."""
+    """Write one shard. `chunks(name)` yields the tensor as flat C-order chunks, already in
+    its output dtype; they are produced one step ahead on a thread while this one writes and
+    hashes, so memory is a few chunks and reading overlaps writing."""
     header, sizes = build_header(list(tensors), SAFETENSORS_METADATA)
-    expected = {name: (dtype, shape) for name, dtype, shape in tensors}
+    planned = {name: (dtype, math.prod(shape)) for name, dtype, shape in tensors}
+
+    def produced() -> Iterator[tuple[str, torch.Tensor]]:
+        for name, _ in sizes:
+            for chunk in chunks(name):
+                yield name, chunk
+
+    counted = dict.fromkeys(planned, 0)
     with root.writing(filename) as handle:
         out = HashingWriter(handle)
         out.write(header)
-        for name, nbytes in sizes:
-            tensor = produce(name)
-            dtype, shape = expected[name]
-            if tensor.dtype != dtype or tuple(tensor.shape) != shape:
-                raise CkptError(
-                    f"{name}: produced {tensor.dtype} {list(tensor.shape)}, planned {dtype} {list(shape)}"
-                )
-            if nbytes:
-                out.write(tensor.contiguous().view(-1).view(torch.uint8).numpy().data)
+        for name, chunk in prefetch(produced()):
+            dtype, numel = planned[name]
+            counted[name] += chunk.numel()
+            if chunk.dtype != dtype or counted[name] > numel:
+                raise CkptError(f"{name}: produced {chunk.dtype} data beyond the planned {dtype}")
+            if chunk.numel():
+                out.write(chunk.contiguous().view(torch.uint8).numpy().data)
             if on_bytes:
-                on_bytes(nbytes)
-            del tensor
+                on_bytes(chunk.numel() * chunk.element_size())
+        short = [n for n, (_, numel) in planned.items() if counted[n] != numel]
+        if short:
+            raise CkptError(f"{root.file(filename)}: fewer elements than planned for {short[:5]}")
     return FileRecord(filename, out.size_bytes, out.sha256)
 
 

@@ -31,9 +31,16 @@ def _tree_digest(path: Path) -> dict[str, str]:
     }
 
 
+@pytest.mark.parametrize("chunk_bytes", [None, 1000])
 def test_fp32_sharded_loads_strictly_with_identical_logits(
-    tiny_model: Qwen2ForCausalLM, tiny_hf_dir: Path, tmp_path: Path
+    tiny_model: Qwen2ForCausalLM,
+    tiny_hf_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    chunk_bytes: int | None,
 ) -> None:
+    if chunk_bytes:
+        monkeypatch.setattr("ckpt_core.stream.CHUNK_BYTES", chunk_bytes)
     before = _tree_digest(tiny_hf_dir)
     out = tmp_path / "out"
     result = convert(
@@ -153,9 +160,12 @@ def test_destination_inside_source_is_refused(tiny_hf_dir: Path) -> None:
         convert(str(tiny_hf_dir), str(tiny_hf_dir / "out"))
 
 
+@pytest.mark.parametrize("chunk_bytes", [None, 1000])
 def test_a_corrupted_shard_fails_verification_and_publishes_nothing(
-    tiny_hf_dir: Path, tmp_path: Path
+    tiny_hf_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk_bytes: int | None
 ) -> None:
+    if chunk_bytes:  # every tensor written and verified in many small chunks
+        monkeypatch.setattr("ckpt_core.stream.CHUNK_BYTES", chunk_bytes)
     out = tmp_path / "out"
     plan = core.plan_conversion(str(tiny_hf_dir), str(out), ConvertOptions(dtype="fp32"))
     work = Path(core.start(plan))

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ckpt_core.errors import FormatError
+from ckpt_core.errors import CkptError, FormatError
 from ckpt_core.safetensors_header import read_header, read_tensor
 from ckpt_core.storage import Location
 from ckpt_core.writer import write_safetensors
@@ -29,8 +29,12 @@ TENSORS = {
 
 def test_streamed_file_reads_back_with_safe_open(tmp_path: Path) -> None:
     layout = [(n, t.dtype, tuple(t.shape)) for n, t in TENSORS.items()]
+    # Chunks of at most 3 elements: every tensor arrives in pieces, as big ones do.
     record = write_safetensors(
-        Location(str(tmp_path)), "x.safetensors", layout, TENSORS.__getitem__
+        Location(str(tmp_path)),
+        "x.safetensors",
+        layout,
+        lambda name: iter(TENSORS[name].reshape(-1).split(3)),
     )
     assert record.size_bytes == (tmp_path / "x.safetensors").stat().st_size
     with safe_open(str(tmp_path / "x.safetensors"), "pt") as f:
@@ -88,3 +92,15 @@ def test_broken_files_are_refused(tmp_path: Path, case: str, message: str) -> No
     with pytest.raises(FormatError, match=message) as info:
         read_header(Location(str(tmp_path)), "bad.safetensors")
     assert "bad.safetensors" in str(info.value)
+
+
+def test_writer_refuses_too_few_or_wrong_elements(tmp_path: Path) -> None:
+    layout = [("w", torch.float32, (4,))]
+    with pytest.raises(CkptError, match="fewer elements"):
+        write_safetensors(
+            Location(str(tmp_path)), "a.safetensors", layout, lambda _: iter([torch.ones(3)])
+        )
+    with pytest.raises(CkptError, match="beyond the planned"):
+        write_safetensors(
+            Location(str(tmp_path)), "b.safetensors", layout, lambda _: iter([torch.ones(4).half()])
+        )
