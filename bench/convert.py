@@ -69,13 +69,13 @@ def main() -> None:
         ),
         measure(
             "ckptflow convert --dtype bf16 (verified)",
-            "from ckpt_core.convert import convert, ConvertOptions",
-            f"convert({str(src)!r}, {str(out / 'ckptflow-bf16')!r}, ConvertOptions(dtype='bf16'))",
+            "from ckptflow.cli import main; import ckpt_core.convert, transformers",
+            f"main(['convert', {str(src)!r}, {str(out / 'ckptflow-bf16')!r}, '--dtype', 'bf16'])",
         ),
         measure(
             "ckptflow convert --dtype fp32 (verified)",
-            "from ckpt_core.convert import convert, ConvertOptions",
-            f"convert({str(src)!r}, {str(out / 'ckptflow-fp32')!r}, ConvertOptions(dtype='fp32'))",
+            "from ckptflow.cli import main; import ckpt_core.convert, transformers",
+            f"main(['convert', {str(src)!r}, {str(out / 'ckptflow-fp32')!r}, '--dtype', 'fp32'])",
         ),
         measure(
             "baseline: load_file all + cast + save_file",
