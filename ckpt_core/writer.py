@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -26,20 +27,27 @@ class FileRecord:
 
 
 class HashingWriter:
-    """Wraps a binary file handle: counts and hashes every byte written through it."""
+    """Wraps a binary file handle: counts and hashes every byte written through it. The hash
+    of one buffer runs on a helper thread while the buffer is written (both release the GIL),
+    and finishes before the next buffer is taken, so the caller may reuse or drop it."""
 
     def __init__(self, handle: object) -> None:
         self._handle = handle
         self._hash = hashlib.sha256()
+        self._hasher = ThreadPoolExecutor(max_workers=1)
         self.size_bytes = 0
 
     def write(self, data: bytes | memoryview) -> None:
-        self._hash.update(data)
-        self._handle.write(data)  # type: ignore[attr-defined]
+        hashed = self._hasher.submit(self._hash.update, data)
+        try:
+            self._handle.write(data)  # type: ignore[attr-defined]
+        finally:
+            hashed.result()
         self.size_bytes += len(data)
 
     @property
     def sha256(self) -> str:
+        self._hasher.shutdown()
         return self._hash.hexdigest()
 
 
