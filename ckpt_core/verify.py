@@ -122,7 +122,7 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     x, y = a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8)
     if x.numel() != y.numel():
         return False
-    if x.numel() % 8 == 0:
+    if x.numel() % 8 == 0 and x.storage_offset() % 8 == 0 and y.storage_offset() % 8 == 0:
         x, y = x.view(torch.int64), y.view(torch.int64)
     return torch.equal(x, y)
 
