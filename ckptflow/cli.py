@@ -30,6 +30,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Handler = args.handler
+    if getattr(args, "s3_endpoint", None):
+        from ckpt_core.storage import configure
+
+        configure("s3", endpoint_url=args.s3_endpoint)
     try:
         return handler(args)
     except CkptError as e:
@@ -73,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert.add_argument("--format", help="force a format instead of detecting it")
     convert.add_argument("--workers", type=int, default=2, help="shards written in parallel")
+    convert.add_argument(
+        "--wait-for-lock", type=float, metavar="SECONDS",
+        help="wait this long for another conversion to the same destination (default: fail)",
+    )  # fmt: skip
+    convert.add_argument(
+        "--s3-endpoint", metavar="URL",
+        help="S3-compatible endpoint (else AWS_ENDPOINT_URL); keys come from AWS_* variables",
+    )  # fmt: skip
     convert.add_argument("--prefect", action="store_true", help="run as a Prefect flow run")
     convert.set_defaults(handler=run_convert)
 
@@ -131,10 +143,13 @@ def run_convert(args: argparse.Namespace) -> int:
         outcome = convert_flow(args.src, args.dst, *flags)
         print(json.dumps(outcome))
         return 0
-    return convert_in_process(args.src, args.dst, options_from(*flags), args.workers)
+    options = options_from(*flags)
+    return convert_in_process(args.src, args.dst, options, args.workers, args.wait_for_lock)
 
 
-def convert_in_process(src: str, dst: str, options: ConvertOptions, workers: int) -> int:
+def convert_in_process(
+    src: str, dst: str, options: ConvertOptions, workers: int, wait_seconds: float | None = None
+) -> int:
     from tqdm import tqdm
 
     from ckpt_core import convert as core
@@ -150,7 +165,7 @@ def convert_in_process(src: str, dst: str, options: ConvertOptions, workers: int
         f"{options.dtype}"
     )
     with tqdm(total=2 * plan.total_bytes, unit="B", unit_scale=True, desc="write+verify") as bar:
-        result = core.run_plan(plan, on_bytes=bar.update, workers=workers)
+        result = core.run_plan(plan, bar.update, workers, wait_seconds)
     print(result.message)
     if result.report:
         print(result.report.text())

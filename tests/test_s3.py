@@ -291,3 +291,26 @@ def test_transient_errors_are_retried_then_reported() -> None:
 
     with pytest.raises(retry.StorageUnavailableError, match="kept failing after 8 tries"):
         retry.call("s3://b/x", always)
+
+
+def test_cli_s3_endpoint_flag_instead_of_the_variable(
+    tiny_hf_dir: Path,
+    s3: MotoServer,
+    bucket: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from ckptflow.cli import main
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    dst = f"s3://{bucket}/flag"
+    try:
+        assert main(["convert", str(tiny_hf_dir), dst, "--s3-endpoint", s3.endpoint]) == 0
+    finally:
+        from ckpt_core.storage import configure
+
+        configure("s3")  # back to the environment for the other tests
+    out = capsys.readouterr().out
+    assert "published" in out and s3.endpoint not in out
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
+    assert fs().exists(f"{bucket}/flag/_SUCCESS")
