@@ -1,10 +1,11 @@
 """ZeRO-3 -> fp32 safetensors: ckptflow against DeepSpeed's zero_to_fp32, on a ~1 GB checkpoint.
 
-    .venv/bin/python bench/zero3.py [--layers 16] [--repeat 1]
+    .venv/bin/python bench/zero3.py [--layers 16] [--repeat 1] [--steps 0]
 
 Generates (once, cached under bench/out/) a real ZeRO-3 checkpoint of a ~250M-parameter
-Qwen2 with DeepSpeed under torchrun (2 ranks, gloo, CPU, 0 training steps, so the optimizer
-files hold just the fp32 master partitions: ~1 GB), then times each variant in its own
+Qwen2 with DeepSpeed under torchrun (2 ranks, gloo, CPU; by default 0 training steps, so the
+optimizer files hold just the fp32 master partitions: ~1 GB; `--steps 1 --layers 4` gives a
+~1 GB checkpoint from a real step, whose optimizer files also hold Adam's moments), then times each variant in its own
 subprocess and reports its wall time and peak RSS (VmHWM) next to the interpreter's RSS
 right after its imports:
 
@@ -47,16 +48,17 @@ def model_config(layers: int) -> dict[str, int]:
     )
 
 
-def build_checkpoint(layers: int) -> Path:
+def build_checkpoint(layers: int, steps: int) -> Path:
     config = json.dumps(model_config(layers), sort_keys=True)
     key = f"{script_hash(GENERATOR)}-{hashlib.sha256(config.encode()).hexdigest()[:8]}"
+    key += f"-steps{steps}" if steps else ""
     target = OUT / f"zero3-{key}"
     if (target / "_DONE").exists():
         return target
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
     started = time.perf_counter()
-    args = [str(target), "stage3", "--config", config, "--steps", "0"]
+    args = [str(target), "stage3", "--config", config, "--steps", str(steps)]
     torchrun(2, args, target / "gen.log", timeout=3600)
     print(f"generated {target} in {time.perf_counter() - started:.0f} s", flush=True)
     return target
@@ -98,8 +100,23 @@ print(json.dumps({{"variant": variant, "wall_s": wall, "peak_rss": peak, "baseli
 """
 
 
-def run_variant(variant: str, src: Path, dst: Path, base: Path) -> dict[str, float]:
+def drop_page_cache() -> bool:
+    """Cold start: the checkpoint comes from the disk, as a 70B one (larger than RAM) always
+    does. Needs root; returns False where the kernel refuses."""
+    subprocess.run(["sync"], check=False)
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError:
+        return False
+    return True
+
+
+def run_variant(
+    variant: str, src: Path, dst: Path, base: Path, cold: bool = False
+) -> dict[str, float]:
     shutil.rmtree(dst, ignore_errors=True)
+    if cold and not drop_page_cache():
+        raise SystemExit("--cold needs root to write /proc/sys/vm/drop_caches")
     done = subprocess.run(
         [
             sys.executable,
@@ -151,9 +168,18 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument(
+        "--steps", type=int, default=0,
+        help="training steps before the save: 0 leaves only fp32 masters in the optimizer "
+        "files; 1+ adds Adam's two moments, as in a checkpoint from a real run",
+    )  # fmt: skip
+    parser.add_argument(
+        "--cold", action="store_true",
+        help="drop the page cache before each variant (root): reads come from the disk",
+    )  # fmt: skip
     args = parser.parse_args()
 
-    root = build_checkpoint(args.layers)
+    root = build_checkpoint(args.layers, args.steps)
     src, base = root / "stage3" / "ckpt", root / "stage3" / "base"
     size = sum(f.stat().st_size for f in src.rglob("*.pt"))
     print(f"checkpoint: {src} ({size / 1e9:.2f} GB of .pt files)")
@@ -161,7 +187,9 @@ def main() -> None:
     results: dict[str, list[dict[str, float]]] = {variant: [] for variant in variants}
     for _ in range(args.repeat):
         for variant in results:  # alternate, so neither always runs on a warmer page cache
-            results[variant].append(run_variant(variant, src, OUT / f"out-{variant}", base))
+            results[variant].append(
+                run_variant(variant, src, OUT / f"out-{variant}", base, args.cold)
+            )
     count = check_same(OUT / "out-ckptflow", OUT / "out-zero_to_fp32")
     print(f"outputs agree bit for bit on {count} tensors")
     print(

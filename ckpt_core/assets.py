@@ -64,12 +64,20 @@ def read_config(assets: Sequence[AssetSource]) -> dict[str, Any] | None:
 
 
 def tie_word_embeddings(config: dict[str, Any]) -> bool:
-    """Ask transformers, so that a key the config leaves out takes the model class's default."""
+    """The config's own word when it says it (the text part's first: VLM configs nest it);
+    otherwise ask transformers, whose model classes have different defaults. Importing
+    transformers costs a second or more, so it is the fallback."""
+    text = config.get("text_config")
+    for part in (text if isinstance(text, dict) else {}, config):
+        if "tie_word_embeddings" in part:
+            return bool(part["tie_word_embeddings"])
     from transformers import AutoConfig
 
     try:
         parsed = AutoConfig.for_model(**config)
     except (ValueError, KeyError, TypeError) as e:
         raise FormatError(f"config.json: transformers cannot read it ({e})") from e
-    text = parsed.get_text_config()
-    return bool(getattr(text, "tie_word_embeddings", getattr(parsed, "tie_word_embeddings", False)))
+    text_config = parsed.get_text_config()
+    return bool(
+        getattr(text_config, "tie_word_embeddings", getattr(parsed, "tie_word_embeddings", False))
+    )
