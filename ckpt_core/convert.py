@@ -10,11 +10,12 @@ import contextlib
 import hashlib
 import json
 import os
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
 from typing import Any
 
 import torch
@@ -135,19 +136,54 @@ class ConvertResult:
     message: str
 
 
-@lru_cache(maxsize=8)
-def _open(src_url: str, format_name: str, open_options: OpenOptions) -> Reader:
-    """One reader per process and source: tasks of one flow run share its index."""
-    return get_format(format_name).open(Location(src_url), open_options)
+# Readers opened in this process, by source and its fingerprint: the steps of one conversion
+# share one index, and a source that changes (a new `latest` tag) is opened afresh.
+_READERS: OrderedDict[tuple[object, ...], Reader] = OrderedDict()
+_READERS_LOCK = threading.Lock()
+
+
+def _reader_key(plan: ConversionPlan) -> tuple[object, ...]:
+    return (plan.src_url, plan.format, plan.options.open_options, plan.source["fingerprint"])
+
+
+def _remember(key: tuple[object, ...], reader: Reader) -> None:
+    with _READERS_LOCK:
+        _READERS[key] = reader
+        while len(_READERS) > 8:
+            _READERS.popitem(last=False)
+
+
+def source_fingerprint(reader: Reader) -> str:
+    return manifest.fingerprint(reader.root, reader.facts().files)
 
 
 def reader_for(plan: ConversionPlan) -> Reader:
-    return _open(plan.src_url, plan.format, plan.options.open_options)
+    """The plan's reader: this process's, or opened again (another worker) and checked to be
+    reading the very files the plan was made from."""
+    key = _reader_key(plan)
+    with _READERS_LOCK:
+        found = _READERS.get(key)
+    if found is not None:
+        return found
+    reader = get_format(plan.format).open(Location(plan.src_url), plan.options.open_options)
+    check_source_unchanged(plan, reader)
+    _remember(key, reader)
+    return reader
+
+
+def check_source_unchanged(plan: ConversionPlan, reader: Reader | None = None) -> None:
+    """The source files still have the sizes and modification stamps they had at planning."""
+    now = source_fingerprint(reader or reader_for(plan))
+    if now != plan.source["fingerprint"]:
+        raise VerifyError(
+            f"{plan.src_url}: the source checkpoint changed while it was being converted "
+            "(is training still writing it?); nothing was published: run the conversion again"
+        )
 
 
 def plan_conversion(src_url: str, dst_url: str, options: ConvertOptions) -> ConversionPlan:
     fmt = get_format(options.format) if options.format else detect(src_url)
-    reader = _open(src_url, fmt.name, options.open_options)
+    reader = fmt.open(Location(src_url), options.open_options)
     src, dst = Location(src_url), Location(dst_url)
     refuse_inside(dst, src, "source checkpoint")
     asset_dirs = list(reader.asset_dirs())
@@ -173,7 +209,7 @@ def plan_conversion(src_url: str, dst_url: str, options: ConvertOptions) -> Conv
     source = {
         "url": src_url,
         "format": fmt.name,
-        "fingerprint": manifest.fingerprint(src, facts.files),
+        "fingerprint": source_fingerprint(reader),
         "notes": list(facts.notes),
     }
     target = target_for(dst)
@@ -186,7 +222,7 @@ def plan_conversion(src_url: str, dst_url: str, options: ConvertOptions) -> Conv
             "pass --base DIR (the HF model the checkpoint was trained from) to add config and tokenizer",
         )
     )
-    return ConversionPlan(
+    plan = ConversionPlan(
         src_url,
         fmt.name,
         options,
@@ -199,6 +235,8 @@ def plan_conversion(src_url: str, dst_url: str, options: ConvertOptions) -> Conv
         warnings,
         done,
     )
+    _remember(_reader_key(plan), reader)
+    return plan
 
 
 def _tied_names(
@@ -315,6 +353,11 @@ def report(plan: ConversionPlan, checks: Sequence[ShardCheck], other_files: int)
 
 def publish(plan: ConversionPlan, files: Sequence[FileRecord], result: Report) -> ConvertResult:
     """Manifest and marker, then into place; a failed verification publishes nothing."""
+    try:
+        check_source_unchanged(plan)
+    except VerifyError:
+        discard(plan.target)
+        raise
     if not result.ok:
         discard(plan.target)
         raise VerifyError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -200,3 +201,36 @@ def test_memory_urls_end_to_end(
     local = tmp_path / "copy"
     mem.get("/converted/", str(local), recursive=True)
     _load(local)
+
+
+def _save_single(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    path.mkdir(exist_ok=True)
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+
+
+def test_a_changed_source_is_read_afresh_in_the_same_process(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    _save_single(src, {"a": torch.ones(3)})
+    convert(str(src), str(tmp_path / "one"), ConvertOptions(dtype="fp32"))
+    time.sleep(0.01)  # a new modification stamp
+    _save_single(src, {"a": torch.full((5,), 2.0), "b": torch.zeros(2)})
+    convert(str(src), str(tmp_path / "two"), ConvertOptions(dtype="fp32"))
+    with safe_open(str(tmp_path / "two" / "model.safetensors"), "pt") as f:
+        assert sorted(f.keys()) == ["a", "b"]
+        assert torch.equal(f.get_tensor("a"), torch.full((5,), 2.0))
+
+
+def test_a_source_changed_during_conversion_publishes_nothing(tmp_path: Path) -> None:
+    src, out = tmp_path / "src", tmp_path / "out"
+    _save_single(src, {"a": torch.ones(3)})
+    plan = core.plan_conversion(str(src), str(out), ConvertOptions(dtype="fp32"))
+    core.start(plan)
+    files = [core.write_shard(plan, i) for i in range(len(plan.shards))]
+    checks = [core.verify_one(plan, i) for i in range(len(plan.shards))]
+    time.sleep(0.01)
+    _save_single(src, {"a": torch.ones(3)})  # the trainer rewrote it, same bytes, new stamp
+    with pytest.raises(VerifyError, match="changed while it was being converted"):
+        core.publish(plan, files, core.report(plan, checks, 0))
+    assert not out.exists()
