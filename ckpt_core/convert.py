@@ -41,6 +41,7 @@ from ckpt_core.publish import (
 )
 from ckpt_core.reader import OpenOptions, Reader, TensorInfo
 from ckpt_core.registry import detect, get_format
+from ckpt_core.stage import remote_stamp, stage_source
 from ckpt_core.storage import Location
 from ckpt_core.stream import release_freed_memory, source_chunks
 from ckpt_core.units import parse_size_bytes
@@ -59,11 +60,13 @@ class ConvertOptions:
     overwrite: bool = False
     open_options: OpenOptions = field(default_factory=OpenOptions)
     format: str | None = None  # force a format instead of detecting it
+    cache_dir: str | None = None  # stage a remote source here first (else: ranged reads)
 
     def recorded(self) -> dict[str, Any]:
         """The options as the manifest records them."""
         values = asdict(self)
         values.pop("overwrite")
+        values.pop("cache_dir")  # where a copy is cached does not change the conversion
         return values
 
 
@@ -76,6 +79,7 @@ def options_from(
     exclude_frozen: bool = False,
     allow_missing: Sequence[str] | None = None,
     format: str | None = None,
+    cache_dir: str | None = None,
 ) -> ConvertOptions:
     """Options from the CLI's and the flow's flat parameters (sizes parsed here, once)."""
     return ConvertOptions(
@@ -90,12 +94,13 @@ def options_from(
             allow_missing=tuple(allow_missing or ()),
         ),
         format=format,
+        cache_dir=cache_dir,
     )
 
 
 @dataclass(frozen=True)
 class ConversionPlan:
-    src_url: str
+    src_url: str  # the source as the user named it (and the manifest records it)
     format: str
     options: ConvertOptions
     target: Target
@@ -106,6 +111,11 @@ class ConversionPlan:
     source: dict[str, Any]  # url, format, fingerprint, notes: for the manifest
     warnings: tuple[str, ...]
     already_done: bool
+    read_url: str = ""  # where readers open it: a --cache-dir copy, else src_url
+
+    @property
+    def reader_url(self) -> str:
+        return self.read_url or self.src_url
 
     @property
     def total_bytes(self) -> int:
@@ -143,7 +153,7 @@ _READERS_LOCK = threading.Lock()
 
 
 def _reader_key(plan: ConversionPlan) -> tuple[object, ...]:
-    return (plan.src_url, plan.format, plan.options.open_options, plan.source["fingerprint"])
+    return (plan.reader_url, plan.format, plan.options.open_options, plan.source["fingerprint"])
 
 
 def _remember(key: tuple[object, ...], reader: Reader) -> None:
@@ -153,7 +163,10 @@ def _remember(key: tuple[object, ...], reader: Reader) -> None:
             _READERS.popitem(last=False)
 
 
-def source_fingerprint(reader: Reader) -> str:
+def source_fingerprint(reader: Reader, src_url: str, read_url: str) -> str:
+    """Sizes and change stamps of the files read; of the remote listing for a staged copy."""
+    if read_url != src_url:
+        return remote_stamp(src_url)
     return manifest.fingerprint(reader.root, reader.facts().files)
 
 
@@ -165,7 +178,7 @@ def reader_for(plan: ConversionPlan) -> Reader:
         found = _READERS.get(key)
     if found is not None:
         return found
-    reader = get_format(plan.format).open(Location(plan.src_url), plan.options.open_options)
+    reader = get_format(plan.format).open(Location(plan.reader_url), plan.options.open_options)
     check_source_unchanged(plan, reader)
     _remember(key, reader)
     return reader
@@ -173,7 +186,7 @@ def reader_for(plan: ConversionPlan) -> Reader:
 
 def check_source_unchanged(plan: ConversionPlan, reader: Reader | None = None) -> None:
     """The source files still have the sizes and modification stamps they had at planning."""
-    now = source_fingerprint(reader or reader_for(plan))
+    now = source_fingerprint(reader or reader_for(plan), plan.src_url, plan.reader_url)
     if now != plan.source["fingerprint"]:
         raise VerifyError(
             f"{plan.src_url}: the source checkpoint changed while it was being converted "
@@ -182,8 +195,9 @@ def check_source_unchanged(plan: ConversionPlan, reader: Reader | None = None) -
 
 
 def plan_conversion(src_url: str, dst_url: str, options: ConvertOptions) -> ConversionPlan:
-    fmt = get_format(options.format) if options.format else detect(src_url)
-    reader = fmt.open(Location(src_url), options.open_options)
+    read_url = stage_source(src_url, options.cache_dir) if options.cache_dir else src_url
+    fmt = get_format(options.format) if options.format else detect(read_url)
+    reader = fmt.open(Location(read_url), options.open_options)
     src, dst = Location(src_url), Location(dst_url)
     refuse_inside(dst, src, "source checkpoint")
     asset_dirs = list(reader.asset_dirs())
@@ -209,7 +223,7 @@ def plan_conversion(src_url: str, dst_url: str, options: ConvertOptions) -> Conv
     source = {
         "url": src_url,
         "format": fmt.name,
-        "fingerprint": source_fingerprint(reader),
+        "fingerprint": source_fingerprint(reader, src_url, read_url),
         "notes": list(facts.notes),
     }
     target = target_for(dst)
@@ -234,6 +248,7 @@ def plan_conversion(src_url: str, dst_url: str, options: ConvertOptions) -> Conv
         source,
         warnings,
         done,
+        read_url,
     )
     _remember(_reader_key(plan), reader)
     return plan

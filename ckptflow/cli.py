@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="wait this long for another conversion to the same destination (default: fail)",
     )  # fmt: skip
     convert.add_argument(
+        "--cache-dir", metavar="DIR",
+        help="copy a remote source here first and read it locally (default: ranged reads)",
+    )  # fmt: skip
+    convert.add_argument(
         "--s3-endpoint", metavar="URL",
         help="S3-compatible endpoint (else AWS_ENDPOINT_URL); keys come from AWS_* variables",
     )  # fmt: skip
@@ -136,7 +140,7 @@ def run_convert(args: argparse.Namespace) -> int:
 
     # The flow's parameters and options_from's are the same flat flags, in the same order.
     flags = (args.dtype, args.max_shard_size, args.base, args.overwrite, args.tag,
-             args.exclude_frozen, args.allow_missing, args.format)  # fmt: skip
+             args.exclude_frozen, args.allow_missing, args.format, args.cache_dir)  # fmt: skip
     if args.prefect:
         from flows.convert import convert_flow
 

@@ -25,10 +25,19 @@ def convert_flow(
     exclude_frozen: bool = False,
     allow_missing: list[str] | None = None,
     format: str | None = None,
+    cache_dir: str | None = None,
 ) -> dict[str, Any]:
     """Convert the checkpoint at `src` (any fsspec URL) into a HF directory at `dst`."""
     options = options_from(
-        dtype, max_shard_size, base, overwrite, tag, exclude_frozen, allow_missing, format
+        dtype,
+        max_shard_size,
+        base,
+        overwrite,
+        tag,
+        exclude_frozen,
+        allow_missing,
+        format,
+        cache_dir,
     )
     conversion = steps.plan(src, dst, options)
     if conversion.already_done:

@@ -314,3 +314,30 @@ def test_cli_s3_endpoint_flag_instead_of_the_variable(
     assert "published" in out and s3.endpoint not in out
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
     assert fs().exists(f"{bucket}/flag/_SUCCESS")
+
+
+def test_cache_dir_stages_once_and_gives_the_same_manifest(
+    tiny_hf_dir: Path, s3: MotoServer, bucket: str, tmp_path: Path
+) -> None:
+    s3fs_ = fs()
+    s3fs_.put(str(tiny_hf_dir), f"{bucket}/src", recursive=True)
+    src = f"s3://{bucket}/src"
+    direct = convert(src, str(tmp_path / "direct"), OPTIONS)
+    assert direct.report is not None
+    cache = tmp_path / "cache"
+    staged_opts = ConvertOptions(dtype="fp32", max_shard_bytes=60_000, cache_dir=str(cache))
+    convert(src, str(tmp_path / "staged"), staged_opts)
+    copies = [p for p in cache.iterdir() if p.is_dir()]
+    assert len(copies) == 1 and (copies[0] / "model.safetensors").is_file()
+    # The manifest names the remote source and its fingerprint, not the cached copy.
+    staged_manifest = json.loads((tmp_path / "staged" / "manifest.json").read_text())
+    assert staged_manifest["source"]["url"] == src
+    assert str(cache) not in (tmp_path / "staged" / "manifest.json").read_text()
+    stamp = (copies[0] / "model.safetensors").stat().st_mtime_ns
+    again = convert(src, str(tmp_path / "staged"), staged_opts)
+    assert "nothing to do" in again.message
+    assert (copies[0] / "model.safetensors").stat().st_mtime_ns == stamp  # not downloaded again
+    for name in json.loads((tmp_path / "direct" / "manifest.json").read_text())["files"]:
+        assert (tmp_path / "staged" / name).read_bytes() == (
+            tmp_path / "direct" / name
+        ).read_bytes()

@@ -1,0 +1,56 @@
+"""`--cache-dir`: stage a remote source on local disk once, then read it from there.
+
+Without it, remote sources are read by byte ranges and nothing is downloaded whole. With it,
+the whole source directory is copied to `CACHE_DIR/<hash of the URL>/` and reused while the
+remote listing (names, sizes, ETags or modification stamps) is unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import posixpath
+import shutil
+from pathlib import Path
+
+from ckpt_core import retry
+from ckpt_core.errors import FormatError
+from ckpt_core.storage import Location
+
+STAMP = ".ckptflow-staged"  # written last: a staging without it is incomplete
+_CHANGE_KEYS = ("ETag", "etag", "LastModified", "mtime", "created")
+
+
+def remote_stamp(src_url: str) -> str:
+    """What the remote directory holds, by listing only: names, sizes, change stamps."""
+    src = Location(src_url)
+    listing = retry.call(src_url, lambda: src.fs.find(src.path, detail=True))
+    if not listing:
+        raise FormatError(f"{src_url}: no such file or directory (nothing to stage)")
+    parts = []
+    for path, info in sorted(listing.items()):
+        stamp = next((str(info[k]) for k in _CHANGE_KEYS if k in info), "")
+        parts.append([posixpath.relpath(path, src.path), int(info.get("size") or 0), stamp])
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+def stage_source(src_url: str, cache_dir: str) -> str:
+    """A local copy of the source directory (path), made once per remote state."""
+    src = Location(src_url)
+    if src.is_local:
+        return src_url
+    stamp = remote_stamp(src_url)
+    target = Path(cache_dir).resolve() / hashlib.sha256(src_url.encode()).hexdigest()[:16]
+    if (target / STAMP).is_file() and (target / STAMP).read_text() == stamp:
+        return str(target)
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    for path in retry.call(src_url, lambda: src.fs.find(src.path)):
+        local = target / posixpath.relpath(path, src.path)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        retry.call(path, functools.partial(src.fs.get_file, path, str(local)))
+    if remote_stamp(src_url) != stamp:
+        raise FormatError(f"{src_url}: changed while it was being staged; run again")
+    (target / STAMP).write_text(stamp)
+    return str(target)
