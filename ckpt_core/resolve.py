@@ -111,16 +111,3 @@ def resolve_pretrained(
 ) -> str:
     """The URL of the pretrained weights (see `resolve`)."""
     return resolve(stage, hidden_size, moe, remote_dir, local_dir, explicit, env).url
-
-
-def resolve_command(
-    stage: str,
-    hidden_size: int,
-    moe: bool = False,
-    remote_dir: str | None = None,
-    local_dir: str | None = "./out",
-    path: str | None = None,
-) -> dict[str, object]:
-    """For `ckptflow resolve --stage --hidden-size [--moe] [--remote-dir] [--local-dir] [--path]`:
-    a JSON-ready dict {url, source, searched}; raises CkptError when nothing is found."""
-    return resolve(stage, hidden_size, moe, remote_dir, local_dir, path).as_dict()

@@ -22,10 +22,10 @@ def add_parsers(subparsers: Any) -> None:
 
 
 def run_resolve(args: argparse.Namespace) -> int:
-    from ckpt_core.resolve import resolve_command
+    from ckpt_core.resolve import resolve
 
-    found = resolve_command(
+    found = resolve(
         args.stage, args.hidden_size, args.moe, args.remote_dir, args.local_dir, args.path
-    )
+    ).as_dict()
     print(json.dumps(found, indent=2) if args.json else found["url"])
     return 0

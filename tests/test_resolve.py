@@ -8,7 +8,7 @@ import fsspec
 import pytest
 
 from ckpt_core.errors import CkptError
-from ckpt_core.resolve import pretrained_name, resolve, resolve_command, resolve_pretrained
+from ckpt_core.resolve import pretrained_name, resolve, resolve_pretrained
 
 
 def _touch(path: Path) -> Path:
@@ -108,7 +108,7 @@ def test_command_result_is_json_ready(tmp_path: Path, monkeypatch: pytest.Monkey
     for var in ("CKPTFLOW_PRETRAINED_PATH", "MINILLM_PRETRAINED_PATH"):
         monkeypatch.delenv(var, raising=False)
     _touch(tmp_path / "spo_512.pth")
-    result = resolve_command("spo", 512, local_dir=str(tmp_path))
+    result = resolve("spo", 512, local_dir=str(tmp_path)).as_dict()
     assert result["url"] == str(tmp_path / "spo_512.pth")
     assert result["source"] == "local"
     assert isinstance(result["searched"], list)
