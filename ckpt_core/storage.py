@@ -23,6 +23,7 @@ from fsspec.implementations.local import LocalFileSystem
 from ckpt_core import retry
 from ckpt_core.errors import FormatError
 
+WRITE_BLOCK_BYTES = 16 * 2**20
 PART_SUFFIX = ".ckptflow-part"  # a local file being written; renamed to its name when complete
 REMOTE_CHUNK_BYTES = 32 * 2**20  # one ranged GET per chunk when filling a buffer from a store
 _OPTIONS: dict[str, dict[str, Any]] = {}
@@ -164,7 +165,8 @@ class Location:
                     os.remove(temporary)
                 raise
             return
-        handle = self.fs.open(where, "wb")
+        # Upload parts of 16 MiB (s3fs buffers a whole 50 MB part per open file by default).
+        handle = self.fs.open(where, "wb", block_size=WRITE_BLOCK_BYTES)
         try:
             yield handle
         except BaseException:
