@@ -73,22 +73,11 @@ def checkpoint() -> Path:
     if (root / "_DONE").exists():
         return root
     sys.path.insert(0, str(REPO))
-    from tests.fixtures.fsdp_cache import free_port
+    from tests.fixtures.launch import torchrun_command
 
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
-        __file__,
-        "generate",
-        str(root / "dcp"),
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    command, env = torchrun_command(Path(__file__), 2, "generate", str(root / "dcp"))
     subprocess.run(command, check=True, env=env, cwd=REPO)
     (root / "_DONE").write_text("ok\n")
     return root
