@@ -43,7 +43,7 @@ from ckpt_core.reader import OpenOptions, Reader, TensorInfo
 from ckpt_core.registry import detect, get_format
 from ckpt_core.stage import remote_stamp, stage_source
 from ckpt_core.storage import Location
-from ckpt_core.stream import release_freed_memory, source_chunks
+from ckpt_core.stream import ChunkBuffers, release_freed_memory, source_chunks
 from ckpt_core.units import parse_size_bytes
 from ckpt_core.verify import Report, ShardCheck, combine, verify_shard
 from ckpt_core.writer import FileRecord, write_bytes, write_safetensors
@@ -302,16 +302,20 @@ _TEST_DELAY_ENV = "CKPTFLOW_TEST_DELAY_PER_TENSOR_SECONDS"
 
 
 def _chunks(plan: ConversionPlan) -> Callable[[str], Iterator[torch.Tensor]]:
-    """Source tensors as bounded flat chunks, cast to their output dtype."""
+    """Source tensors as bounded flat chunks, cast to their output dtype, in reused buffers
+    (one stream: the writer's or the verifier's prefetch loop)."""
     release_freed_memory()  # every process that writes or verifies: CLI, flow workers, benches
     reader = reader_for(plan)
     index = reader.index()
+    buffers = ChunkBuffers()
     delay = float(os.environ.get(_TEST_DELAY_ENV, "0") or 0)
 
     def chunks(name: str) -> Iterator[torch.Tensor]:
         if delay:
             time.sleep(delay)
-        return source_chunks(reader, index[name], getattr(torch, plan.dtypes[name]))
+        return source_chunks(
+            reader, index[name], getattr(torch, plan.dtypes[name]), buffers=buffers
+        )
 
     return chunks
 

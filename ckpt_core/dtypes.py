@@ -66,3 +66,15 @@ def output_dtype(source: torch.dtype, target: torch.dtype | None) -> torch.dtype
 
 def itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
+
+
+def flat_buffer(out: torch.Tensor | None, count: int, dtype: torch.dtype) -> torch.Tensor:
+    """Where a ranged read lands: `out`, checked to be `count` contiguous elements of `dtype`,
+    or a new buffer."""
+    if out is None:
+        return torch.empty(count, dtype=dtype)
+    if out.dtype != dtype or out.shape != (count,) or not out.is_contiguous():
+        raise ValueError(
+            f"out must be {count} contiguous {dtype} elements, got {out.dtype} {tuple(out.shape)}"
+        )
+    return out

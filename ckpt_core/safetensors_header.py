@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ckpt_core.dtypes import from_safetensors, itemsize, to_safetensors
+from ckpt_core.dtypes import flat_buffer, from_safetensors, itemsize, to_safetensors
 from ckpt_core.errors import FormatError
 from ckpt_core.storage import Location
 
@@ -125,15 +125,21 @@ def build_header(
 
 
 def read_elements(
-    root: Location, relative: str, entry: Entry, start: int, count: int
+    root: Location,
+    relative: str,
+    entry: Entry,
+    start: int,
+    count: int,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Elements [start, start+count) of a tensor, flat, by one ranged read."""
+    """Elements [start, start+count) of a tensor, flat, by one ranged read (into `out` when
+    given)."""
     size = itemsize(entry.dtype)
     if start < 0 or count < 0 or entry.begin + (start + count) * size > entry.end:
         raise IndexError(
             f"{root.file(relative)}: {entry.name}: elements [{start}, {start + count})"
         )
-    flat = torch.empty(count, dtype=entry.dtype)
+    flat = flat_buffer(out, count, entry.dtype)
     if count:
         root.read_into(relative, entry.begin + start * size, flat.view(torch.uint8).numpy().data)
     return flat

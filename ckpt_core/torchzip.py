@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ckpt_core.dtypes import itemsize
+from ckpt_core.dtypes import flat_buffer, itemsize
 from ckpt_core.errors import FormatError, UnsafeFileError
 from ckpt_core.storage import Location
 
@@ -88,19 +88,20 @@ class LazyTensor:
             expected *= size
         return True
 
-    def read_range(self, start: int, count: int) -> torch.Tensor:
-        """Elements [start, start+count) in C order, 1-D: one ranged read when contiguous."""
+    def read_range(self, start: int, count: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Elements [start, start+count) in C order, 1-D: one ranged read when contiguous (into
+        `out` when given)."""
         if start < 0 or count < 0 or start + count > self.numel:
             raise IndexError(
                 f"{self.source.where}: elements [{start}, {start + count}) of {self.numel}"
             )
+        flat = flat_buffer(out, count, self.dtype)
         if not self.is_contiguous():
-            return self.materialize().reshape(-1)[start : start + count].clone()
+            return flat.copy_(self.materialize().reshape(-1)[start : start + count])
         if self.storage_offset + self.numel > self.storage.numel:
             raise FormatError(
                 f"{self.source.where}: tensor exceeds its storage {self.storage.key!r}"
             )
-        flat = torch.empty(count, dtype=self.dtype)
         if count:
             size = itemsize(self.dtype)
             begin = (

@@ -15,7 +15,7 @@ from ckpt_core.errors import FormatError
 from ckpt_core.plan import ShardSpec
 from ckpt_core.safetensors_header import read_elements, read_header
 from ckpt_core.storage import Location
-from ckpt_core.stream import prefetch
+from ckpt_core.stream import ChunkBuffers, prefetch
 from ckpt_core.units import format_bytes
 
 
@@ -93,6 +93,7 @@ def verify_shard(
 
     differs: set[str] = set()
     position = dict.fromkeys(shard.tensors, 0)
+    written_buffer = ChunkBuffers(slots=1)  # this loop is done with a chunk before the next
     for name, source in prefetch(produced()):
         entry = header.entries[name]
         start, count = position[name], source.numel()
@@ -100,7 +101,9 @@ def verify_shard(
         if source.dtype != entry.dtype or position[name] > math.prod(entry.shape):
             differs.add(name)
             continue
-        written = read_elements(root, shard.filename, entry, start, count)
+        written = read_elements(
+            root, shard.filename, entry, start, count, written_buffer.take(count, entry.dtype)
+        )
         if not same_bytes(written, source):
             differs.add(name)
         if on_bytes:

@@ -60,7 +60,8 @@ def write_safetensors(
 ) -> FileRecord:
     """Write one shard. `chunks(name)` yields the tensor as flat C-order chunks, already in
     its output dtype; they are produced one step ahead on a thread while this one writes and
-    hashes, so memory is a few chunks and reading overlaps writing."""
+    hashes, so memory is a few chunks and reading overlaps writing. Each chunk is written and
+    hashed before the next is asked for, so `chunks` may reuse buffers (ChunkBuffers)."""
     header, sizes = build_header(list(tensors), SAFETENSORS_METADATA)
     planned = {name: (dtype, math.prod(shape)) for name, dtype, shape in tensors}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from safetensors.torch import save_file
 
 from ckpt_core.reader import TensorInfo
 from ckpt_core.registry import open_reader
-from ckpt_core.stream import RangeReader, chunk_spans, prefetch, source_chunks
+from ckpt_core.stream import ChunkBuffers, RangeReader, chunk_spans, prefetch, source_chunks
 
 TENSORS = {
     "w": torch.randn(37, 11),
@@ -45,6 +46,32 @@ def test_chunks_rebuild_every_tensor(reader_dir: Path, chunk_bytes: int) -> None
         ):
             parts = list(source_chunks(reader, info, out_dtype, chunk_bytes))
             assert torch.equal(torch.cat(parts), whole.reshape(-1).to(out_dtype)), name
+
+
+@pytest.mark.parametrize("chunk_bytes", [4, 24, 10**6])
+def test_chunks_in_reused_buffers_through_prefetch(reader_dir: Path, chunk_bytes: int) -> None:
+    """The buffers are reused in turn while the prefetch thread runs ahead: each chunk must
+    still hold its own values when the consumer gets to it (slow consumer, tiny chunks)."""
+    reader = open_reader(str(reader_dir))
+    buffers = ChunkBuffers()
+    for out_dtype in (None, torch.bfloat16):
+        infos = list(reader.index().values())
+
+        def dtype_of(info: TensorInfo, out: torch.dtype | None = out_dtype) -> torch.dtype:
+            return out if out and info.dtype.is_floating_point else info.dtype
+
+        produced = (
+            (info.name, chunk)
+            for info in infos
+            for chunk in source_chunks(reader, info, dtype_of(info), chunk_bytes, buffers)
+        )
+        got: dict[str, list[torch.Tensor]] = {}
+        for name, chunk in prefetch(produced):
+            time.sleep(0.001)  # let the producer fill every slot it may
+            got.setdefault(name, []).append(chunk.clone())
+        for info in infos:
+            expected = reader.read(info.name).reshape(-1).to(dtype_of(info))
+            assert torch.equal(torch.cat(got[info.name]), expected), info.name
 
 
 def test_chunk_spans_cover_exactly() -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ckpt_core.dtypes import itemsize
+from ckpt_core.dtypes import flat_buffer, itemsize
 from ckpt_core.errors import FormatError, clip
 from ckpt_core.formats.deepspeed_layout import (
     DEEPSPEED_GLOBALS,
@@ -306,16 +306,18 @@ class DeepSpeedReader:
             return entry.fragments[0].materialize()
         return self.read_range(name, 0, entry.info.numel).view(entry.info.shape)
 
-    def read_range(self, name: str, start: int, count: int) -> torch.Tensor:
+    def read_range(
+        self, name: str, start: int, count: int, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Elements [start, start+count) of a tensor in C order, 1-D: a big tensor can be
         streamed in bounded chunks (a writer may use this when present)."""
         entry = self._entry(name)
         info = entry.info
         if start < 0 or count < 0 or start + count > info.numel:
             raise IndexError(f"{name}: elements [{start}, {start + count}) of {info.numel}")
+        out = flat_buffer(out, count, info.dtype)
         if entry.kind != "trainable" and not entry.fragments[0].is_contiguous():
-            return entry.fragments[0].materialize().reshape(-1)[start : start + count].clone()
-        out = torch.empty(count, dtype=info.dtype)
+            return out.copy_(entry.fragments[0].materialize().reshape(-1)[start : start + count])
         position, filled, end = 0, 0, start + count
         for flat, first, length in self._segments(name, entry):
             lo, hi = max(start, position), min(end, position + length)

@@ -82,9 +82,11 @@ class SafetensorsReader:
         file, entry = self._entries[name]
         return read_tensor(self.root, file, entry)
 
-    def read_range(self, name: str, start: int, count: int) -> torch.Tensor:
+    def read_range(
+        self, name: str, start: int, count: int, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         file, entry = self._entries[name]
-        return read_elements(self.root, file, entry, start, count)
+        return read_elements(self.root, file, entry, start, count, out)
 
     def facts(self) -> SourceFacts:
         return SourceFacts("hf-safetensors", list(self.files))
@@ -121,8 +123,10 @@ class TorchBinReader:
     def read(self, name: str) -> torch.Tensor:
         return self._tensors[name].materialize()
 
-    def read_range(self, name: str, start: int, count: int) -> torch.Tensor:
-        return self._tensors[name].read_range(start, count)
+    def read_range(
+        self, name: str, start: int, count: int, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self._tensors[name].read_range(start, count, out)
 
     def facts(self) -> SourceFacts:
         return SourceFacts("hf-bin", list(self.files))
