@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from _measure import settle
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 OUT = HERE / "out"
@@ -166,6 +168,7 @@ def main() -> None:
     for name in ("ckptflow", "reference", "reader"):
         dst = OUT / f"run-{name}"
         shutil.rmtree(dst, ignore_errors=True)
+        settle()
         env = dict(os.environ, PYTHONPATH=str(REPO))
         done = subprocess.run(
             [sys.executable, __file__, "variant", name, src, str(dst), str(root / "base")],

@@ -31,6 +31,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from _measure import settle  # noqa: E402
+
 from tests.fixtures.deepspeed_cache import GENERATOR, script_hash, torchrun  # noqa: E402
 
 OUT = REPO / "bench" / "out"
@@ -115,6 +117,7 @@ def run_variant(
     variant: str, src: Path, dst: Path, base: Path, cold: bool = False
 ) -> dict[str, float]:
     shutil.rmtree(dst, ignore_errors=True)
+    settle()
     if cold and not drop_page_cache():
         raise SystemExit("--cold needs root to write /proc/sys/vm/drop_caches")
     done = subprocess.run(

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import io
 import pickle
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from ckpt_core.dtypes import flat_buffer
 from ckpt_core.errors import FormatError, UnsafeFileError
 from ckpt_core.reader import OpenOptions, Reader, SourceFacts, TensorInfo
 from ckpt_core.registry import register
@@ -195,6 +197,8 @@ class _Entry:
 class DcpReader:
     def __init__(self, root: Location) -> None:
         self.root = root
+        self._blobs: dict[tuple[str, int], LazyTensor] = {}
+        self._assembled = threading.local()  # read_range's whole tensor, when it needs one
         where = root.file(METADATA)
         meta = restricted_load(root.read_bytes(METADATA), where, metadata_globals())
         if not isinstance(meta, _CLASSES["Metadata"]):
@@ -312,17 +316,65 @@ class DcpReader:
             raise KeyError(f"{self.root.url}: no tensor {name!r} in the DCP checkpoint") from None
         out = torch.empty(entry.info.shape, dtype=entry.info.dtype)
         for chunk in entry.chunks:
-            blob = LazyTorchFile(self.root, chunk.relative, start=chunk.offset, length=chunk.length)
-            lazy = blob.obj
-            if not isinstance(lazy, LazyTensor):
-                raise FormatError(f"{blob.where}: chunk of {entry.fqn} is not a tensor")
-            if tuple(lazy.shape) != chunk.box[1] or lazy.dtype != entry.info.dtype:
-                raise FormatError(
-                    f"{blob.where}: chunk of {entry.fqn} is {lazy.dtype} {list(lazy.shape)}, "
-                    f"metadata says {entry.info.dtype} {list(chunk.box[1])}"
-                )
-            fill_from(out[region(chunk.box)], lazy)
+            fill_from(out[region(chunk.box)], self._chunk_tensor(entry, chunk))
         return out
+
+    def read_range(
+        self, name: str, start: int, count: int, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Elements [start, start+count) in C order, 1-D. When every chunk is a block of whole
+        rows (FSDP's Shard(0), and any unsharded tensor) each is a run of the flat tensor, read
+        by byte range; otherwise the tensor is assembled whole once per thread, kept for the
+        next range of the same tensor, and sliced."""
+        entry = self._entries[name]
+        if start < 0 or count < 0 or start + count > entry.info.numel:
+            raise IndexError(f"{name}: elements [{start}, {start + count}) of {entry.info.numel}")
+        out = flat_buffer(out, count, entry.info.dtype)
+        runs = self._runs(entry)
+        if runs is None:
+            whole = getattr(self._assembled, "tensor", None)
+            if getattr(self._assembled, "name", None) != name or whole is None:
+                whole = self._assembled.tensor = self.read(name).reshape(-1)
+                self._assembled.name = name
+            return out.copy_(whole[start : start + count])
+        end = start + count
+        for first, lazy in runs:
+            lo, hi = max(start, first), min(end, first + lazy.numel)
+            if lo < hi:
+                lazy.read_range(lo - first, hi - lo, out[lo - start : hi - start])
+        return out
+
+    def _runs(self, entry: _Entry) -> list[tuple[int, LazyTensor]] | None:
+        """(first flat element, chunk) per chunk when each chunk is a contiguous run of whole
+        rows; None otherwise."""
+        shape = entry.info.shape
+        row = _volume(shape[1:])
+        runs = []
+        for chunk in entry.chunks:
+            offsets, sizes = chunk.box
+            lazy = self._chunk_tensor(entry, chunk)
+            if any(offsets[1:]) or sizes[1:] != shape[1:] or not lazy.is_contiguous():
+                return None
+            runs.append((offsets[0] * row if shape else 0, lazy))
+        return runs
+
+    def _chunk_tensor(self, entry: _Entry, chunk: _Chunk) -> LazyTensor:
+        """A chunk's torch.save blob, parsed once (its pickle names a tensor, nothing else)."""
+        key = (chunk.relative, chunk.offset)
+        found = self._blobs.get(key)
+        if found is not None:
+            return found
+        blob = LazyTorchFile(self.root, chunk.relative, start=chunk.offset, length=chunk.length)
+        lazy = blob.obj
+        if not isinstance(lazy, LazyTensor):
+            raise FormatError(f"{blob.where}: chunk of {entry.fqn} is not a tensor")
+        if tuple(lazy.shape) != chunk.box[1] or lazy.dtype != entry.info.dtype:
+            raise FormatError(
+                f"{blob.where}: chunk of {entry.fqn} is {lazy.dtype} {list(lazy.shape)}, "
+                f"metadata says {entry.info.dtype} {list(chunk.box[1])}"
+            )
+        self._blobs[key] = lazy
+        return lazy
 
     def facts(self) -> SourceFacts:
         return SourceFacts("dcp", list(self._files), list(self._notes))
