@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -34,6 +35,22 @@ def settle() -> None:
     otherwise the kernel throttles a variant's writes while it writes back the previous
     variant's output (measured here: the same 1 GB write took 0.2 s or 2.2 s)."""
     os.sync()
+
+
+def ratios(ours: str, theirs: str, runs: dict[str, list[dict[str, float]]]) -> str:
+    """Issue 3's two ratios from interleaved repeats: wall time by the fastest run of each (the
+    least disturbed) and by the medians (this VM's page faults vary run to run), peak RSS by
+    the largest."""
+    a, b = runs[ours], runs[theirs]
+    wall_min = min(r["wall_s"] for r in a) / min(r["wall_s"] for r in b)
+    wall_median = statistics.median(r["wall_s"] for r in a) / statistics.median(
+        r["wall_s"] for r in b
+    )
+    rss = max(r["peak_rss"] for r in a) / max(r["peak_rss"] for r in b)
+    return (
+        f"{ours} / {theirs}: wall {wall_min:.2f} by fastest runs, {wall_median:.2f} by medians "
+        f"(target <= 0.5); peak RSS {rss:.3f} (target <= 0.125)"
+    )
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Benchmark: a ~1 GB real DCP checkpoint to fp32 safetensors, ckptflow vs the reference tools.
 
-    .venv/bin/python bench/dcp.py            # generate (cached under bench/out/) and compare
+    .venv/bin/python bench/dcp.py [--repeat 3]   # generate (cached under bench/out/) and compare
 
 (a) ckptflow: `ckpt_core.convert.convert(src, dst, dtype="fp32")` (reads every tensor chunk by
     chunk, writes sharded safetensors, verifies, publishes);
@@ -14,18 +14,20 @@ The checkpoint is written by a real FSDP2 run (torchrun, 2 ranks, gloo) with dcp
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import inspect
 import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from _measure import settle
+from _measure import ratios, settle
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -85,11 +87,11 @@ def checkpoint() -> Path:
     return root
 
 
-def _rss_mb() -> float:
+def _rss_bytes() -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def stream_to_safetensors(src: str, path: str) -> None:
@@ -133,7 +135,7 @@ def variant(name: str, src: str, dst: str, base: str) -> None:
         from ckpt_core.registry import open_reader  # noqa: F401 (imported before the baseline)
     else:
         from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-    baseline = _rss_mb()
+    baseline = _rss_bytes()
     start = time.perf_counter()
     if name == "ckptflow":
         convert(src, dst, ConvertOptions(dtype="fp32", base=base))
@@ -145,13 +147,14 @@ def variant(name: str, src: str, dst: str, base: str) -> None:
         state = torch.load(f"{dst}/full.pt", weights_only=True)["model"]
         save_file({k: v.contiguous() for k, v in state.items()}, f"{dst}/model.safetensors")
     wall = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(
-        json.dumps({"variant": name, "wall_s": wall, "peak_rss_mb": peak, "baseline_mb": baseline})
-    )
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"variant": name, "wall_s": wall, "peak_rss": peak, "baseline_rss": baseline}))
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
     root = checkpoint()
     src = str(root / "dcp")
     size = sum(f.stat().st_size for f in (root / "dcp").iterdir())
@@ -164,37 +167,39 @@ def main() -> None:
         f"checkpoint: {src}  {size / 1e9:.2f} GB on disk, {len(index)} tensors, "
         f"largest {largest.name} {largest.nbytes / 1e6:.1f} MB"
     )
-    results = {}
-    for name in ("ckptflow", "reference", "reader"):
-        dst = OUT / f"run-{name}"
-        shutil.rmtree(dst, ignore_errors=True)
-        settle()
-        env = dict(os.environ, PYTHONPATH=str(REPO))
-        done = subprocess.run(
-            [sys.executable, __file__, "variant", name, src, str(dst), str(root / "base")],
-            check=True,
-            env=env,
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-        )
-        results[name] = json.loads(done.stdout.strip().splitlines()[-1])
-        shutil.rmtree(dst, ignore_errors=True)
-        r = results[name]
+    names = ("ckptflow", "reference", "reader")
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+    for _ in range(args.repeat):
+        for name in names:  # interleaved, so that none always runs on a warmer cache
+            dst = OUT / f"run-{name}"
+            shutil.rmtree(dst, ignore_errors=True)
+            settle()
+            env = dict(os.environ, PYTHONPATH=str(REPO))
+            done = subprocess.run(
+                [sys.executable, __file__, "variant", name, src, str(dst), str(root / "base")],
+                check=True,
+                env=env,
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+            )
+            results[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
+            shutil.rmtree(dst, ignore_errors=True)
+    for name, runs in results.items():
+        walls = [r["wall_s"] for r in runs]
+        r = max(runs, key=lambda r: r["peak_rss"])
         print(
-            f"{name:>9}: wall {r['wall_s']:6.2f} s  peak RSS {r['peak_rss_mb']:7.0f} MB  "
-            f"(baseline after imports {r['baseline_mb']:.0f} MB, "
-            f"above baseline {r['peak_rss_mb'] - r['baseline_mb']:.0f} MB)"
+            f"{name:>9}: wall {min(walls):6.2f} s (median {statistics.median(walls):.2f})  "
+            f"peak RSS {r['peak_rss'] / 1e6:7.0f} MB  (baseline after imports "
+            f"{r['baseline_rss'] / 1e6:.0f} MB, above baseline "
+            f"{(r['peak_rss'] - r['baseline_rss']) / 1e6:.0f} MB)"
         )
-    b = results["reference"]
-    above_b = b["peak_rss_mb"] - b["baseline_mb"]
     for name in ("ckptflow", "reader"):
-        a = results[name]
-        print(
-            f"{name}/reference: wall {a['wall_s'] / b['wall_s']:.2f} (target <= 0.5), "
-            f"peak RSS {a['peak_rss_mb'] / b['peak_rss_mb']:.3f} (target <= 0.125), "
-            f"RSS above baseline {(a['peak_rss_mb'] - a['baseline_mb']) / above_b:.3f}"
-        )
+        print(ratios(name, "reference", results))
+        above = [
+            max(r["peak_rss"] - r["baseline_rss"] for r in results[n]) for n in (name, "reference")
+        ]
+        print(f"  RSS above baseline {above[0] / above[1]:.3f}")
 
 
 if __name__ == "__main__":
