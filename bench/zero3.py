@@ -1,6 +1,6 @@
 """ZeRO-3 -> fp32 safetensors: ckptflow against DeepSpeed's zero_to_fp32, on a ~1 GB checkpoint.
 
-    .venv/bin/python bench/zero3.py [--layers 16] [--repeat 1] [--steps 0]
+    .venv/bin/python bench/zero3.py [--layers 16] [--repeat 1] [--steps 0] [--cold] [--commands]
 
 Generates (once, cached under bench/out/) a real ZeRO-3 checkpoint of a ~250M-parameter
 Qwen2 with DeepSpeed under torchrun (2 ranks, gloo, CPU; by default 0 training steps, so the
@@ -14,6 +14,13 @@ right after its imports:
   zero_to_fp32  deepspeed's convert_zero_checkpoint_to_fp32_state_dict(safe_serialization=True)
   ckptflow-read  for reference: the DeepSpeed reader alone, every tensor read and dropped
 
+With --commands, the whole commands a user runs instead, timed from start to exit (their
+imports included; the peak RSS is the process's own):
+
+  ckptflow      ckptflow convert CKPT OUT --dtype fp32 --base BASE
+  zero_to_fp32  python CKPT/zero_to_fp32.py CKPT OUT --safe_serialization (the script
+                DeepSpeed writes beside every checkpoint)
+
 Target (issue 3): ckptflow peak RSS <= 1/8 of zero_to_fp32's, wall time <= 1/2.
 """
 
@@ -22,6 +29,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -114,13 +122,47 @@ def drop_page_cache() -> bool:
     return True
 
 
+def command(variant: str, src: Path, dst: Path, base: Path) -> list[str]:
+    if variant == "ckptflow":
+        cli = ["-m", "ckptflow.cli", "convert", str(src), str(dst), "--dtype", "fp32"]
+        return [sys.executable, *cli, "--base", str(base)]
+    return [
+        sys.executable,
+        str(src / "zero_to_fp32.py"),
+        str(src),
+        str(dst),
+        "--safe_serialization",
+    ]
+
+
+def run_command(variant: str, src: Path, dst: Path, base: Path) -> dict[str, float]:
+    """One whole command, start to exit; its own peak RSS from wait4."""
+    started = time.perf_counter()
+    child = subprocess.Popen(
+        command(variant, src, dst, base),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    assert child.stderr is not None
+    errors = child.stderr.read()
+    _, status, usage = os.wait4(child.pid, 0)
+    wall = time.perf_counter() - started
+    if status:
+        raise SystemExit(f"{variant} failed:\n{errors.decode()[-4000:]}")
+    return {"variant": variant, "wall_s": wall, "peak_rss": usage.ru_maxrss * 1024,
+            "baseline_rss": 0}  # fmt: skip
+
+
 def run_variant(
-    variant: str, src: Path, dst: Path, base: Path, cold: bool = False
+    variant: str, src: Path, dst: Path, base: Path, cold: bool = False, commands: bool = False
 ) -> dict[str, float]:
     shutil.rmtree(dst, ignore_errors=True)
     settle()
     if cold and not drop_page_cache():
         raise SystemExit("--cold needs root to write /proc/sys/vm/drop_caches")
+    if commands:
+        return run_command(variant, src, dst, base)
     done = subprocess.run(
         [
             sys.executable,
@@ -181,18 +223,22 @@ def main() -> None:
         "--cold", action="store_true",
         help="drop the page cache before each variant (root): reads come from the disk",
     )  # fmt: skip
+    parser.add_argument(
+        "--commands", action="store_true",
+        help="time the whole commands (imports included) instead of the library calls",
+    )  # fmt: skip
     args = parser.parse_args()
 
     root = build_checkpoint(args.layers, args.steps)
     src, base = root / "stage3" / "ckpt", root / "stage3" / "base"
     size = sum(f.stat().st_size for f in src.rglob("*.pt"))
     print(f"checkpoint: {src} ({size / 1e9:.2f} GB of .pt files)")
-    variants = ["ckptflow", "zero_to_fp32", "ckptflow-read"]
+    variants = ["ckptflow", "zero_to_fp32"] + ([] if args.commands else ["ckptflow-read"])
     results: dict[str, list[dict[str, float]]] = {variant: [] for variant in variants}
     for _ in range(args.repeat):
         for variant in results:  # alternate, so neither always runs on a warmer page cache
             results[variant].append(
-                run_variant(variant, src, OUT / f"out-{variant}", base, args.cold)
+                run_variant(variant, src, OUT / f"out-{variant}", base, args.cold, args.commands)
             )
     count = check_same(OUT / "out-ckptflow", OUT / "out-zero_to_fp32")
     print(f"outputs agree bit for bit on {count} tensors")
