@@ -1,13 +1,14 @@
 """Benchmark: a ~1 GB HF checkpoint converted by ckptflow, by the obvious baseline (load it all
 with safetensors, cast, save_file), and a plain copy of the same bytes (the I/O floor).
 
-    .venv/bin/python bench/convert.py [--gb 1.0] [--out bench/out]
+    .venv/bin/python bench/convert.py [--gb 1.0] [--out bench/out] [--repeat 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _measure import measure, table  # noqa: E402
+from _measure import Figure, measure, table  # noqa: E402
 
 
 def make_checkpoint(path: Path, total_gb: float) -> int:
@@ -49,17 +50,16 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--gb", type=float, default=1.0)
     parser.add_argument("--out", default="bench/out")
+    parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     out = Path(args.out).resolve()
     src = out / "hf-src"
     size = make_checkpoint(src, args.gb)
     data_mb = size / 1e6
     print(f"source: {src} ({data_mb:.0f} MB fp32, {os.cpu_count()} cores)\n")
-    for d in ("ckptflow-bf16", "ckptflow-fp32", "baseline-bf16", "copy"):
-        os.system(f"rm -rf {out / d} {out / ('.' + d + '.ckptflow-staging')}")
-    figures = [
-        measure(
-            "plain copy (I/O floor)",
+    variants = {
+        "plain copy (I/O floor)": (
+            "copy",
             "import shutil, pathlib",
             f"""
             dst = pathlib.Path({str(out / "copy")!r}); dst.mkdir()
@@ -67,18 +67,18 @@ def main() -> None:
                 shutil.copyfile(p, dst / p.name)
             """,
         ),
-        measure(
-            "ckptflow convert --dtype bf16 (verified)",
+        "ckptflow convert --dtype bf16 (verified)": (
+            "ckptflow-bf16",
             "from ckptflow.cli import main; import ckpt_core.convert, transformers",
             f"main(['convert', {str(src)!r}, {str(out / 'ckptflow-bf16')!r}, '--dtype', 'bf16'])",
         ),
-        measure(
-            "ckptflow convert --dtype fp32 (verified)",
+        "ckptflow convert --dtype fp32 (verified)": (
+            "ckptflow-fp32",
             "from ckptflow.cli import main; import ckpt_core.convert, transformers",
             f"main(['convert', {str(src)!r}, {str(out / 'ckptflow-fp32')!r}, '--dtype', 'fp32'])",
         ),
-        measure(
-            "baseline: load_file all + cast + save_file",
+        "baseline: load_file all + cast + save_file": (
+            "baseline-bf16",
             "import torch, pathlib; from safetensors.torch import load_file, save_file",
             f"""
             state = {{}}
@@ -88,8 +88,14 @@ def main() -> None:
             save_file(state, {str(out / "baseline-bf16" / "model.safetensors")!r}, metadata={{'format': 'pt'}})
             """,
         ),
-    ]
-    print(table(figures, data_mb))
+    }
+    runs: dict[str, list[Figure]] = {name: [] for name in variants}
+    for _ in range(args.repeat):
+        for name, (folder, imports, body) in variants.items():  # interleaved
+            shutil.rmtree(out / folder, ignore_errors=True)
+            shutil.rmtree(out / f".{folder}.ckptflow-staging", ignore_errors=True)
+            runs[name].append(measure(name, imports, body))
+    print(table(runs, data_mb))
     print("\nMB/s is source MB over wall time; ckptflow's time includes re-reading and comparing")
     print("every tensor. RSS above base = peak resident set minus the interpreter after imports.")
 

@@ -71,7 +71,7 @@ def main() -> None:
             )
         )
         print(f"checkpoint: {size / 1e9:.2f} GB fp32, loopback moto server {server.endpoint}")
-        print(table(figures, size / 1e6))
+        print(table({f.name: [f] for f in figures}, size / 1e6))
     finally:
         server.kill()
 
