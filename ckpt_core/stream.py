@@ -49,25 +49,20 @@ class ChunkBuffers:
     def take(self, count: int, dtype: torch.dtype) -> torch.Tensor:
         """`count` elements of `dtype` in the next slot (grown when too small)."""
         i, self._next = self._next, (self._next + 1) % len(self._slots)
-        self._slots[i] = _fit(self._slots[i], count * itemsize(dtype))
-        return _typed(self._slots[i], count, dtype)
+        slot = self._slots[i] = _fit(self._slots[i], count * itemsize(dtype))
+        return slot[: count * itemsize(dtype)].view(dtype)
 
     def scratch(self, count: int, dtype: torch.dtype) -> torch.Tensor:
         """A buffer the producer uses and is done with before it hands out a chunk (the
         stored-dtype read that is then cast into a slot)."""
-        self._scratch = _fit(self._scratch, count * itemsize(dtype))
-        return _typed(self._scratch, count, dtype)
+        scratch = self._scratch = _fit(self._scratch, count * itemsize(dtype))
+        return scratch[: count * itemsize(dtype)].view(dtype)
 
 
 def _fit(buffer: torch.Tensor | None, nbytes: int) -> torch.Tensor:
     if buffer is None or buffer.numel() < nbytes:
         return torch.empty(max(nbytes, CHUNK_BYTES), dtype=torch.uint8)
     return buffer
-
-
-def _typed(buffer: torch.Tensor | None, count: int, dtype: torch.dtype) -> torch.Tensor:
-    assert buffer is not None
-    return buffer[: count * itemsize(dtype)].view(dtype)
 
 
 def chunk_spans(
