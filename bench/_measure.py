@@ -27,7 +27,7 @@ _base = _rss_kb("VmRSS:")
 _t0 = time.perf_counter()
 {body}
 _wall = time.perf_counter() - _t0
-print("__MEASURE__" + json.dumps({{"wall_s": _wall, "base_mb": _base / 1024, "peak_mb": _rss_kb("VmHWM:") / 1024}}))
+print("__MEASURE__" + json.dumps({{"wall_s": _wall, "baseline_rss": _base * 1024, "peak_rss": _rss_kb("VmHWM:") * 1024}}))
 """
 
 
@@ -38,32 +38,38 @@ def settle() -> None:
     os.sync()
 
 
-def ratios(ours: str, theirs: str, runs: dict[str, list[dict[str, float]]]) -> str:
-    """Issue 3's two ratios from interleaved repeats: wall time by the fastest run of each (the
-    least disturbed) and by the medians (this VM's page faults vary run to run), peak RSS by
-    the largest."""
-    a, b = runs[ours], runs[theirs]
-    wall_min = min(r["wall_s"] for r in a) / min(r["wall_s"] for r in b)
-    wall_median = statistics.median(r["wall_s"] for r in a) / statistics.median(
-        r["wall_s"] for r in b
-    )
-    rss = max(r["peak_rss"] for r in a) / max(r["peak_rss"] for r in b)
-    return (
-        f"{ours} / {theirs}: wall {wall_min:.2f} by fastest runs, {wall_median:.2f} by medians "
-        f"(target <= 0.5); peak RSS {rss:.3f} (target <= 0.125)"
-    )
-
-
 @dataclass(frozen=True)
 class Figure:
+    """One run: wall time, and resident set in MiB after the imports and at its peak."""
+
     name: str
     wall_s: float
-    base_mb: float
-    peak_mb: float
+    base_mib: float
+    peak_mib: float
 
     @property
-    def above_base_mb(self) -> float:
-        return self.peak_mb - self.base_mb
+    def above_base_mib(self) -> float:
+        return self.peak_mib - self.base_mib
+
+    @classmethod
+    def of(cls, name: str, run: Mapping[str, float]) -> Figure:
+        """From a child's JSON line: `wall_s`, `baseline_rss` and `peak_rss` in bytes."""
+        return cls(name, run["wall_s"], run["baseline_rss"] / 2**20, run["peak_rss"] / 2**20)
+
+
+def ratios(ours: str, theirs: str, runs: Mapping[str, Sequence[Figure]]) -> str:
+    """Issue 3's two ratios from interleaved repeats: wall time by the fastest run of each (the
+    least disturbed) and by the medians (this VM's page faults vary run to run), peak RSS by
+    the largest, in all and above the interpreter's baseline."""
+    a, b = runs[ours], runs[theirs]
+    wall_min = min(f.wall_s for f in a) / min(f.wall_s for f in b)
+    wall_median = statistics.median(f.wall_s for f in a) / statistics.median(f.wall_s for f in b)
+    rss = max(f.peak_mib for f in a) / max(f.peak_mib for f in b)
+    above = max(f.above_base_mib for f in a) / max(f.above_base_mib for f in b)
+    return (
+        f"{ours} / {theirs}: wall {wall_min:.2f} by fastest runs, {wall_median:.2f} by medians "
+        f"(target <= 0.5); peak RSS {rss:.3f} (target <= 0.125), above baseline {above:.3f}"
+    )
 
 
 def measure(name: str, imports: str, body: str) -> Figure:
@@ -73,8 +79,7 @@ def measure(name: str, imports: str, body: str) -> Figure:
     if done.returncode != 0:
         raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
     line = next(x for x in done.stdout.splitlines() if x.startswith("__MEASURE__"))
-    values = json.loads(line.removeprefix("__MEASURE__"))
-    return Figure(name, values["wall_s"], values["base_mb"], values["peak_mb"])
+    return Figure.of(name, json.loads(line.removeprefix("__MEASURE__")))
 
 
 def table(runs: Mapping[str, Sequence[Figure]], data_mb: float) -> str:
@@ -82,14 +87,14 @@ def table(runs: Mapping[str, Sequence[Figure]], data_mb: float) -> str:
     makes a run's first touch of new pages slow or fast from one run to the next), MB/s by the
     fastest, and the largest peak RSS."""
     rows = [
-        f"{'variant':<44} {'wall s':>7} {'median':>7} {'MB/s':>7} {'peak RSS MB':>12} "
-        f"{'above base MB':>14}"
+        f"{'variant':<44} {'wall s':>7} {'median':>7} {'MB/s':>7} {'peak RSS MiB':>13} "
+        f"{'above base MiB':>15}"
     ]
     for name, figures in runs.items():
         fastest = min(f.wall_s for f in figures)
-        largest = max(figures, key=lambda f: f.peak_mb)
+        largest = max(figures, key=lambda f: f.peak_mib)
         rows.append(
             f"{name:<44} {fastest:7.2f} {statistics.median(f.wall_s for f in figures):7.2f} "
-            f"{data_mb / fastest:7.0f} {largest.peak_mb:12.0f} {largest.above_base_mb:14.0f}"
+            f"{data_mb / fastest:7.0f} {largest.peak_mib:13.0f} {largest.above_base_mib:15.0f}"
         )
     return "\n".join(rows)

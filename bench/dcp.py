@@ -21,13 +21,12 @@ import json
 import os
 import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from _measure import ratios, settle
+from _measure import Figure, ratios, settle, table
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -185,21 +184,10 @@ def main() -> None:
             )
             results[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
             shutil.rmtree(dst, ignore_errors=True)
-    for name, runs in results.items():
-        walls = [r["wall_s"] for r in runs]
-        r = max(runs, key=lambda r: r["peak_rss"])
-        print(
-            f"{name:>9}: wall {min(walls):6.2f} s (median {statistics.median(walls):.2f})  "
-            f"peak RSS {r['peak_rss'] / 1e6:7.0f} MB  (baseline after imports "
-            f"{r['baseline_rss'] / 1e6:.0f} MB, above baseline "
-            f"{(r['peak_rss'] - r['baseline_rss']) / 1e6:.0f} MB)"
-        )
+    figures = {n: [Figure.of(n, r) for r in runs] for n, runs in results.items()}
+    print(table(figures, size / 1e6))
     for name in ("ckptflow", "reader"):
-        print(ratios(name, "reference", results))
-        above = [
-            max(r["peak_rss"] - r["baseline_rss"] for r in results[n]) for n in (name, "reference")
-        ]
-        print(f"  RSS above baseline {above[0] / above[1]:.3f}")
+        print(ratios(name, "reference", figures))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ import hashlib
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -40,7 +39,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from _measure import ratios, settle  # noqa: E402
+from _measure import Figure, ratios, settle, table  # noqa: E402
 
 from tests.fixtures.deepspeed_cache import GENERATOR, script_hash, torchrun  # noqa: E402
 
@@ -206,10 +205,6 @@ def check_same(a: Path, b: Path) -> int:
     return len(left)
 
 
-def mb(value: float) -> str:
-    return f"{value / 2**20:8.0f} MiB"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=16)
@@ -242,19 +237,9 @@ def main() -> None:
             )
     count = check_same(OUT / "out-ckptflow", OUT / "out-zero_to_fp32")
     print(f"outputs agree bit for bit on {count} tensors")
-    print(
-        f"{'variant':14} {'wall min':>9} {'median':>7} {'peak RSS':>12} {'after imports':>14} "
-        f"{'peak - imports':>15}"
-    )
-    for variant, runs in results.items():
-        walls = [r["wall_s"] for r in runs]
-        run = max(runs, key=lambda r: r["peak_rss"])
-        print(
-            f"{variant:14} {min(walls):8.2f}s {statistics.median(walls):6.2f}s "
-            f"{mb(run['peak_rss'])} {mb(run['baseline_rss'])}  "
-            f"{mb(run['peak_rss'] - run['baseline_rss'])}"
-        )
-    print(ratios("ckptflow", "zero_to_fp32", results))
+    figures = {v: [Figure.of(v, r) for r in runs] for v, runs in results.items()}
+    print(table(figures, size / 1e6))
+    print(ratios("ckptflow", "zero_to_fp32", figures))
     (OUT / "zero3-results.json").write_text(json.dumps(results, indent=2) + "\n")
 
 
