@@ -159,9 +159,9 @@ def convert_in_process(
 
     from ckpt_core import convert as core
 
-    # What the imports built (torch alone: hundreds of thousands of objects) lives as long as
-    # the command: frozen, it is left out of garbage collections, each of which walked it all
-    # (~90 ms a time here).
+    # What the imports built (~170k objects, mostly torch's) lives as long as the command:
+    # frozen, it is left out of garbage collections, each of which walked it all (~90 ms a
+    # time here).
     gc.freeze()
     plan = core.plan_conversion(src, dst, options)
     if plan.already_done:

@@ -332,11 +332,10 @@ class DcpReader:
         out = flat_buffer(out, count, entry.info.dtype)
         runs = self._runs(entry)
         if runs is None:
-            whole = getattr(self._assembled, "tensor", None)
-            if getattr(self._assembled, "name", None) != name or whole is None:
-                whole = self._assembled.tensor = self.read(name).reshape(-1)
-                self._assembled.name = name
-            return out.copy_(whole[start : start + count])
+            held = getattr(self._assembled, "held", None)
+            if held is None or held[0] != name:
+                held = self._assembled.held = (name, self.read(name).reshape(-1))
+            return out.copy_(held[1][start : start + count])
         end = start + count
         for first, lazy in runs:
             lo, hi = max(start, first), min(end, first + lazy.numel)
