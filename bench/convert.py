@@ -69,12 +69,12 @@ def main() -> None:
         ),
         "ckptflow convert --dtype bf16 (verified)": (
             "ckptflow-bf16",
-            "from ckptflow.cli import main; import ckpt_core.convert, transformers",
+            "from ckptflow.cli import main; import ckpt_core.pipeline.convert, transformers",
             f"main(['convert', {str(src)!r}, {str(out / 'ckptflow-bf16')!r}, '--dtype', 'bf16'])",
         ),
         "ckptflow convert --dtype fp32 (verified)": (
             "ckptflow-fp32",
-            "from ckptflow.cli import main; import ckpt_core.convert, transformers",
+            "from ckptflow.cli import main; import ckpt_core.pipeline.convert, transformers",
             f"main(['convert', {str(src)!r}, {str(out / 'ckptflow-fp32')!r}, '--dtype', 'fp32'])",
         ),
         "baseline: load_file all + cast + save_file": (

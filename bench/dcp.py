@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/dcp.py [--repeat 3]   # generate (cached under bench/out/) and compare
 
-(a) ckptflow: `ckpt_core.convert.convert(src, dst, dtype="fp32")` (reads every tensor chunk by
+(a) ckptflow: `ckpt_core.pipeline.convert.convert(src, dst, dtype="fp32")` (reads every tensor chunk by
     chunk, writes sharded safetensors, verifies, publishes);
 (b) reference: `dcp_to_torch_save`, then `torch.load` of that file and `save_file`;
 (c) for information, the DCP reader alone with a minimal streaming safetensors write (no
@@ -100,7 +100,7 @@ def stream_to_safetensors(src: str, path: str) -> None:
     import torch
 
     from ckpt_core.dtypes import to_safetensors
-    from ckpt_core.registry import open_reader
+    from ckpt_core.formats.registry import open_reader
 
     reader = open_reader(src)
     index = reader.index()
@@ -129,9 +129,9 @@ def variant(name: str, src: str, dst: str, base: str) -> None:
     from safetensors.torch import save_file
 
     if name == "ckptflow":
-        from ckpt_core.convert import ConvertOptions, convert
+        from ckpt_core.pipeline.convert import ConvertOptions, convert
     elif name == "reader":
-        from ckpt_core.registry import open_reader  # noqa: F401 (imported before the baseline)
+        from ckpt_core.formats.registry import open_reader  # noqa: F401 (imported before the baseline)
     else:
         from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
     baseline = _rss_bytes()
@@ -158,7 +158,7 @@ def main() -> None:
     src = str(root / "dcp")
     size = sum(f.stat().st_size for f in (root / "dcp").iterdir())
     sys.path.insert(0, str(REPO))
-    from ckpt_core.registry import open_reader
+    from ckpt_core.formats.registry import open_reader
 
     index = open_reader(src).index()
     largest = max(index.values(), key=lambda i: i.nbytes)

@@ -42,7 +42,7 @@ def main() -> None:
 
         s3fs.S3FileSystem(skip_instance_cache=True).mkdir("bench")
         options = "ConvertOptions(dtype='keep', max_shard_bytes=250_000_000)"
-        imports = "from ckpt_core.convert import ConvertOptions, convert"
+        imports = "from ckpt_core.pipeline.convert import ConvertOptions, convert"
         figures = [
             measure(
                 "ckptflow convert local -> s3 (write+verify)",

@@ -9,7 +9,7 @@ optimizer files hold just the fp32 master partitions: ~1 GB; `--steps 1 --layers
 subprocess and reports its wall time and peak RSS (VmHWM) next to the interpreter's RSS
 right after its imports:
 
-  ckptflow    ckpt_core.convert.convert(..., ConvertOptions(dtype="fp32")): detect, stream
+  ckptflow    ckpt_core.pipeline.convert.convert(..., ConvertOptions(dtype="fp32")): detect, stream
               every tensor into fp32 safetensors, re-read and verify, publish
   zero_to_fp32  deepspeed's convert_zero_checkpoint_to_fp32_state_dict(safe_serialization=True)
   ckptflow-read  for reference: the DeepSpeed reader alone, every tensor read and dropped
@@ -87,8 +87,8 @@ def status(field):
 variant, src, dst, base = sys.argv[1:5]
 if variant.startswith("ckptflow"):
     import torch
-    from ckpt_core.convert import ConvertOptions, convert
-    from ckpt_core.registry import formats, open_reader
+    from ckpt_core.pipeline.convert import ConvertOptions, convert
+    from ckpt_core.formats.registry import formats, open_reader
     formats()  # import the format modules now, so they count in the baseline
 else:
     import torch

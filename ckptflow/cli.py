@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from ckpt_core.errors import CkptError
 
 if TYPE_CHECKING:
-    from ckpt_core.convert import ConvertOptions
+    from ckpt_core.pipeline.convert import ConvertOptions
 
 Handler = Callable[[argparse.Namespace], int]
 # Modules that add subcommands: each has add_parsers(subparsers); a missing one is skipped.
@@ -32,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     handler: Handler = args.handler
     if getattr(args, "s3_endpoint", None):
-        from ckpt_core.storage import configure
+        from ckpt_core.io.storage import configure
 
         configure("s3", endpoint_url=args.s3_endpoint)
     try:
@@ -109,9 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_detect(args: argparse.Namespace) -> int:
-    from ckpt_core.reader import OpenOptions
-    from ckpt_core.registry import detect
-    from ckpt_core.storage import Location
+    from ckpt_core.formats.protocol import OpenOptions
+    from ckpt_core.formats.registry import detect
+    from ckpt_core.io.storage import Location
 
     fmt = detect(args.src)
     if not args.json:
@@ -137,7 +137,7 @@ def run_detect(args: argparse.Namespace) -> int:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from ckpt_core.convert import options_from
+    from ckpt_core.pipeline.convert import options_from
 
     # The flow's parameters and options_from's are the same flat flags, in the same order.
     flags = (args.dtype, args.max_shard_size, args.base, args.overwrite, args.tag,
@@ -157,7 +157,7 @@ def convert_in_process(
 ) -> int:
     from tqdm import tqdm
 
-    from ckpt_core import convert as core
+    from ckpt_core.pipeline import convert as core
 
     # What the imports built (~170k objects, mostly torch's) lives as long as the command:
     # frozen, it is left out of garbage collections, each of which walked it all (~90 ms a

@@ -22,7 +22,7 @@ def add_parsers(subparsers: Any) -> None:
 
 
 def run_resolve(args: argparse.Namespace) -> int:
-    from ckpt_core.resolve import resolve
+    from ckpt_core.pipeline.resolve import resolve
 
     found = resolve(
         args.stage, args.hidden_size, args.moe, args.remote_dir, args.local_dir, args.path

@@ -67,7 +67,7 @@ def add_parsers(subparsers: Any) -> None:
 
 
 def run_split(args: argparse.Namespace) -> int:
-    from ckpt_core.vlm_split import split
+    from ckpt_core.vlm.split import split
 
     result = split(args.model_name, args.output_dir, overwrite=args.overwrite)
     verb = "already split" if result.skipped else "split"
@@ -79,7 +79,7 @@ def run_split(args: argparse.Namespace) -> int:
 
 def run_merge(args: argparse.Namespace) -> int:
     from ckpt_core.units import parse_size_bytes
-    from ckpt_core.vlm_merge import merge
+    from ckpt_core.vlm.merge import merge
 
     result = merge(
         args.checkpoint_dir,
@@ -116,7 +116,7 @@ def run_pipeline(args: argparse.Namespace) -> int:
 
 
 def run_tiny_train(args: argparse.Namespace) -> int:
-    from ckpt_core.tiny_trainer import train
+    from ckpt_core.vlm.tiny_trainer import train
 
     result = train(args.split_dir, args.output_dir, args.parallel_size, steps=args.steps)
     print(json.dumps(asdict(result)))

@@ -8,8 +8,8 @@ from typing import Any
 from prefect import flow, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from ckpt_core.convert import lock, options_from, report, still_needed
-from ckpt_core.publish import resumable
+from ckpt_core.pipeline.convert import lock, options_from, report, still_needed
+from ckpt_core.pipeline.publish import resumable
 from tasks import convert as steps
 
 

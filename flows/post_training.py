@@ -11,7 +11,7 @@ from typing import Any
 
 from prefect import flow
 
-from ckpt_core.storage import join_url
+from ckpt_core.io.storage import join_url
 from tasks import vlm as steps
 
 

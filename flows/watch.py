@@ -8,7 +8,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from ckpt_core.watch import Pending, find_pending
+from ckpt_core.pipeline.watch import Pending, find_pending
 from flows.convert import convert_flow
 from tasks.common import IO_RETRIES
 

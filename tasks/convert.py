@@ -1,4 +1,4 @@
-"""Thin Prefect tasks over ckpt_core.convert: each passes the small plan, never tensors."""
+"""Thin Prefect tasks over ckpt_core.pipeline.convert: each passes the small plan, never tensors."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from ckpt_core import convert as core
-from ckpt_core.verify import Report, ShardCheck
-from ckpt_core.writer import FileRecord
+from ckpt_core.pipeline import convert as core
+from ckpt_core.pipeline.verify import Report, ShardCheck
+from ckpt_core.pipeline.writer import FileRecord
 from tasks.common import IO_RETRIES
 
 

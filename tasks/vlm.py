@@ -9,7 +9,9 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from ckpt_core import tiny_trainer, vlm_merge, vlm_split
+from ckpt_core.vlm import merge as vlm_merge
+from ckpt_core.vlm import split as vlm_split
+from ckpt_core.vlm import tiny_trainer
 from tasks.common import IO_RETRIES
 
 # Training fails for reasons a rerun can fix (preempted node, OOM spike, flaky storage), and

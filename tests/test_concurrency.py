@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from s3fs import S3FileSystem
 
-from ckpt_core.convert import ConvertOptions, ConvertResult, convert
 from ckpt_core.errors import PublishError
-from ckpt_core.publish import Target, finalize
-from ckpt_core.storage import Location
+from ckpt_core.io.storage import Location
+from ckpt_core.pipeline.convert import ConvertOptions, ConvertResult, convert
+from ckpt_core.pipeline.publish import Target, finalize
 from tests.s3server import MotoServer, make_bucket
 from tests.test_resume import finish, start_cli, tree
 
@@ -107,7 +107,7 @@ def test_object_store_lock_of_another_host_blocks_until_stale() -> None:
     """A holder on another machine cannot be probed: its heartbeat decides."""
     import json
 
-    from ckpt_core.lock import destination_lock
+    from ckpt_core.io.lock import destination_lock
 
     dst = Location("memory://locks/out")
     parent = Location("memory://locks")

@@ -1,4 +1,4 @@
-"""HF -> HF conversion through ckpt_core.convert, checked with transformers itself."""
+"""HF -> HF conversion through ckpt_core.pipeline.convert, checked with transformers itself."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import torch
 from safetensors import safe_open
 from transformers import Qwen2ForCausalLM
 
-from ckpt_core import convert as core
-from ckpt_core.convert import ConvertOptions, convert
 from ckpt_core.errors import KeyMismatchError, PublishError, VerifyError
+from ckpt_core.pipeline import convert as core
+from ckpt_core.pipeline.convert import ConvertOptions, convert
 from tests.fixtures.tiny import build_tiny_qwen2, sample_input_ids
 
 
@@ -41,7 +41,7 @@ def test_fp32_sharded_loads_strictly_with_identical_logits(
     chunk_bytes: int | None,
 ) -> None:
     if chunk_bytes:
-        monkeypatch.setattr("ckpt_core.stream.CHUNK_BYTES", chunk_bytes)
+        monkeypatch.setattr("ckpt_core.pipeline.stream.CHUNK_BYTES", chunk_bytes)
     before = _tree_digest(tiny_hf_dir)
     out = tmp_path / "out"
     result = convert(
@@ -166,7 +166,7 @@ def test_a_corrupted_shard_fails_verification_and_publishes_nothing(
     tiny_hf_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk_bytes: int | None
 ) -> None:
     if chunk_bytes:  # every tensor written and verified in many small chunks
-        monkeypatch.setattr("ckpt_core.stream.CHUNK_BYTES", chunk_bytes)
+        monkeypatch.setattr("ckpt_core.pipeline.stream.CHUNK_BYTES", chunk_bytes)
     out = tmp_path / "out"
     plan = core.plan_conversion(str(tiny_hf_dir), str(out), ConvertOptions(dtype="fp32"))
     work = Path(core.start(plan))

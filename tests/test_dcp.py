@@ -13,7 +13,7 @@ import torch
 from torch.distributed import checkpoint as dcp
 
 from ckpt_core.errors import FormatError, UnsafeFileError
-from ckpt_core.registry import detect, open_reader
+from ckpt_core.formats.registry import detect, open_reader
 from tests.fixtures.fsdp_cache import assert_loads_as_truth, fsdp_fixtures, load_truth
 from tests.fixtures.tiny import build_tiny_qwen2
 
@@ -130,7 +130,7 @@ def test_without_model_key_names_are_kept(tmp_path: Path) -> None:
 
 
 def test_convert_end_to_end_loads_in_transformers(fsdp_fixtures: Path, tmp_path: Path) -> None:
-    convert = pytest.importorskip("ckpt_core.convert")
+    convert = pytest.importorskip("ckpt_core.pipeline.convert")
     out = tmp_path / "hf"
     convert.convert(
         str(fsdp_fixtures / "dcp"),

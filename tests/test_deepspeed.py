@@ -19,9 +19,9 @@ import torch
 
 from ckpt_core.errors import FormatError, UnsafeFileError
 from ckpt_core.formats.deepspeed import DeepSpeedFormat
-from ckpt_core.reader import OpenOptions, Reader
-from ckpt_core.registry import detect, open_reader
-from ckpt_core.storage import Location
+from ckpt_core.formats.protocol import OpenOptions, Reader
+from ckpt_core.formats.registry import detect, open_reader
+from ckpt_core.io.storage import Location
 from tests.fixtures.deepspeed_cache import CASES, REPO, deepspeed_fixtures, overrides_for
 from tests.fixtures.tiny import build_tiny_qwen2
 
@@ -111,7 +111,7 @@ def test_index_is_in_model_order(ds_root: Path, case: str) -> None:
 def test_fixtures_exercise_padding(ds_root: Path) -> None:
     """The 3-rank fixtures must really have padded params, or the tests above prove little."""
     from ckpt_core.formats.deepspeed_layout import DEEPSPEED_GLOBALS
-    from ckpt_core.torchzip import LazyTorchFile
+    from ckpt_core.formats.torchzip import LazyTorchFile
 
     def optim(case: str) -> Any:
         tag = ds_root / case / "ckpt" / "global_step2"
@@ -261,7 +261,7 @@ def test_facts_and_assets(ds_root: Path) -> None:
 def test_reader_never_imports_deepspeed(ds_root: Path) -> None:
     script = (
         "import sys\n"
-        "from ckpt_core.registry import open_reader\n"
+        "from ckpt_core.formats.registry import open_reader\n"
         "for case in ('stage1', 'stage2', 'stage3_tied'):\n"
         f"    r = open_reader({str(ds_root)!r} + '/' + case + '/ckpt')\n"
         "    [r.read(n) for n in r.index()]\n"
@@ -279,7 +279,7 @@ def test_reader_never_imports_deepspeed(ds_root: Path) -> None:
     "case", ["stage1", "stage2", "stage3", "stage3_tied", "stage2_aligned_ws3", "stage3_ws3"]
 )
 def test_convert_end_to_end(ds_root: Path, case: str, tmp_path: Path) -> None:
-    convert_module = pytest.importorskip("ckpt_core.convert")
+    convert_module = pytest.importorskip("ckpt_core.pipeline.convert")
     from transformers import Qwen2ForCausalLM
 
     path = ckpt(ds_root, case)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ckpt_core.errors import FormatError, KeyMismatchError, UnsafeFileError
-from ckpt_core.registry import detect, open_reader
+from ckpt_core.formats.registry import detect, open_reader
 from tests.fixtures.fsdp_cache import assert_loads_as_truth, fsdp_fixtures, load_truth
 
 __all__ = ["fsdp_fixtures"]
@@ -159,7 +159,7 @@ def test_malicious_rank_file_is_refused(fsdp_fixtures: Path, tmp_path: Path) -> 
 def test_convert_end_to_end_loads_in_transformers(
     fsdp_fixtures: Path, tmp_path: Path, layout: str
 ) -> None:
-    convert = pytest.importorskip("ckpt_core.convert")
+    convert = pytest.importorskip("ckpt_core.pipeline.convert")
     out = tmp_path / "hf"
     convert.convert(
         str(fsdp_fixtures / layout),

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import torch
 
-from ckpt_core.tiny_trainer import TrainCommandError, run_train_command
-from ckpt_core.vlm_split import split
+from ckpt_core.vlm.split import split
+from ckpt_core.vlm.tiny_trainer import TrainCommandError, run_train_command
 from tests.fixtures.tiny_vlm import save_tiny_vlm
 
 

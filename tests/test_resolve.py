@@ -8,7 +8,7 @@ import fsspec
 import pytest
 
 from ckpt_core.errors import CkptError
-from ckpt_core.resolve import pretrained_name, resolve, resolve_pretrained
+from ckpt_core.pipeline.resolve import pretrained_name, resolve, resolve_pretrained
 
 
 def _touch(path: Path) -> Path:

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 from s3fs import S3FileSystem
 
-from ckpt_core.convert import ConvertOptions, convert, plan_conversion
-from ckpt_core.publish import DONE_DIR, INCOMPLETE
-from ckpt_core.storage import PART_SUFFIX
+from ckpt_core.io.storage import PART_SUFFIX
+from ckpt_core.pipeline.convert import ConvertOptions, convert, plan_conversion
+from ckpt_core.pipeline.publish import DONE_DIR, INCOMPLETE
 from tests.s3server import MotoServer, make_bucket, subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]

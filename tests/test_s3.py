@@ -16,13 +16,13 @@ from typing import Any
 import pytest
 from s3fs import S3FileSystem
 
-from ckpt_core import convert as core
-from ckpt_core import retry
-from ckpt_core.convert import ConvertOptions, convert
 from ckpt_core.errors import CkptError, FormatError
-from ckpt_core.publish import DONE_DIR, INCOMPLETE
-from ckpt_core.registry import open_reader
-from ckpt_core.storage import Location
+from ckpt_core.formats.registry import open_reader
+from ckpt_core.io import retry
+from ckpt_core.io.storage import Location
+from ckpt_core.pipeline import convert as core
+from ckpt_core.pipeline.convert import ConvertOptions, convert
+from ckpt_core.pipeline.publish import DONE_DIR, INCOMPLETE
 from tests.s3server import MotoServer, SlowProxy, make_bucket, use_endpoint
 
 OPTIONS = ConvertOptions(dtype="fp32", max_shard_bytes=60_000)
@@ -96,7 +96,7 @@ def test_reading_from_s3_uses_byte_ranges(
         return real(self, path, start=start, end=end, **kw)
 
     monkeypatch.setattr(S3FileSystem, "cat_file", recording)
-    monkeypatch.setattr("ckpt_core.storage.REMOTE_CHUNK_BYTES", 64 * 1024)
+    monkeypatch.setattr("ckpt_core.io.storage.REMOTE_CHUNK_BYTES", 64 * 1024)
     out = tmp_path / "out"
     convert(f"s3://{bucket}/src", str(out), OPTIONS)
     weights = [c for c in calls if c[0].endswith("model.safetensors")]
@@ -307,7 +307,7 @@ def test_cli_s3_endpoint_flag_instead_of_the_variable(
     try:
         assert main(["convert", str(tiny_hf_dir), dst, "--s3-endpoint", s3.endpoint]) == 0
     finally:
-        from ckpt_core.storage import configure
+        from ckpt_core.io.storage import configure
 
         configure("s3")  # back to the environment for the other tests
     out = capsys.readouterr().out

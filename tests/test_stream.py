@@ -9,9 +9,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ckpt_core.reader import TensorInfo
-from ckpt_core.registry import open_reader
-from ckpt_core.stream import ChunkBuffers, RangeReader, chunk_spans, prefetch, source_chunks
+from ckpt_core.formats.protocol import TensorInfo
+from ckpt_core.formats.registry import open_reader
+from ckpt_core.pipeline.stream import (
+    ChunkBuffers,
+    RangeReader,
+    chunk_spans,
+    prefetch,
+    source_chunks,
+)
 
 TENSORS = {
     "w": torch.randn(37, 11),

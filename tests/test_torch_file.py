@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from ckpt_core.errors import FormatError, KeyMismatchError, UnsafeFileError
+from ckpt_core.formats.keycheck import check_keys
+from ckpt_core.formats.protocol import OpenOptions
+from ckpt_core.formats.registry import detect, open_reader
 from ckpt_core.formats.torch_file import TorchFileFormat
-from ckpt_core.keycheck import check_keys
-from ckpt_core.reader import OpenOptions
-from ckpt_core.registry import detect, open_reader
-from ckpt_core.storage import Location
+from ckpt_core.io.storage import Location
 from tests.fixtures.tiny import build_tiny_qwen2, tiny_qwen2_config
 
 
@@ -115,7 +115,7 @@ def test_fp16_tied_stored_twice_minimind_style(tmp_path: Path) -> None:
 
 
 def test_fp16_tied_convert_end_to_end(tmp_path: Path) -> None:
-    convert = pytest.importorskip("ckpt_core.convert")
+    convert = pytest.importorskip("ckpt_core.pipeline.convert")
     from transformers import Qwen2ForCausalLM
 
     model = build_tiny_qwen2(seed=4, tie_word_embeddings=True)

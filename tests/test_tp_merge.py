@@ -14,14 +14,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ckpt_core import tp_roles
 from ckpt_core.errors import FormatError, KeyMismatchError
+from ckpt_core.families import tp_roles
 from ckpt_core.families.qwen2_5_vl import TEXT_ROLES, VISION_ROLES
-from ckpt_core.reader import OpenOptions
-from ckpt_core.registry import detect, open_reader
-from ckpt_core.tiny_trainer import train
-from ckpt_core.vlm_merge import merge
-from ckpt_core.vlm_split import split
+from ckpt_core.formats.protocol import OpenOptions
+from ckpt_core.formats.registry import detect, open_reader
+from ckpt_core.vlm.merge import merge
+from ckpt_core.vlm.split import split
+from ckpt_core.vlm.tiny_trainer import train
 from tests.fixtures.tiny_vlm import VOCAB, sample_batch, save_tiny_vlm
 
 # -- roles (pure) ----------------------------------------------------------------------------

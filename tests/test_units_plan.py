@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from ckpt_core.errors import CkptError
-from ckpt_core.plan import index_json, plan_shards
+from ckpt_core.pipeline.plan import index_json, plan_shards
 from ckpt_core.units import parse_size_bytes
 
 

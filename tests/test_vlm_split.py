@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ckpt_core.errors import KeyMismatchError, PublishError
-from ckpt_core.vlm_split import split
+from ckpt_core.vlm.split import split
 from tests.fixtures.tiny_vlm import save_tiny_vlm
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import yaml
 
-from ckpt_core.convert import ConvertOptions, convert
-from ckpt_core.watch import find_pending
+from ckpt_core.pipeline.convert import ConvertOptions, convert
+from ckpt_core.pipeline.watch import find_pending
 
 ROOT = Path(__file__).resolve().parent.parent
 

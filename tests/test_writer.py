@@ -12,9 +12,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ckpt_core.errors import CkptError, FormatError
-from ckpt_core.safetensors_header import read_header, read_tensor
-from ckpt_core.storage import Location
-from ckpt_core.writer import write_safetensors
+from ckpt_core.formats.safetensors_header import read_header, read_tensor
+from ckpt_core.io.storage import Location
+from ckpt_core.pipeline.writer import write_safetensors
 
 TENSORS = {
     "w": torch.randn(7, 5),

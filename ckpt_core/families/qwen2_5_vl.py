@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ckpt_core.families import Family, Part, Prefix, register_family
-from ckpt_core.tp_roles import (
+from ckpt_core.families.family import Family, Part, Prefix
+from ckpt_core.families.tp_roles import (
     COLUMN,
     FUSED_QKV,
     REPLICATED,
@@ -112,21 +112,19 @@ def demo_batch(config: Any, seed: int) -> dict[str, Any]:
     }
 
 
-FAMILY = register_family(
-    Family(
-        model_type="qwen2_5_vl",
-        model_class="Qwen2_5_VLForConditionalGeneration",
-        parts=(Part("vision", "vision_model.pt"), Part("text", "text_model.pt")),
-        layouts={
-            "nested": (
-                LM_HEAD,
-                Prefix("model.visual.", "vision"),
-                Prefix("model.language_model.", "text"),
-            ),
-            "legacy": (LM_HEAD, Prefix("visual.", "vision"), Prefix("model.", "text")),
-        },
-        roles={"vision": VISION_ROLES, "text": TEXT_ROLES},
-        tiny_model=tiny_model,
-        demo_batch=demo_batch,
-    )
+FAMILY = Family(
+    model_type="qwen2_5_vl",
+    model_class="Qwen2_5_VLForConditionalGeneration",
+    parts=(Part("vision", "vision_model.pt"), Part("text", "text_model.pt")),
+    layouts={
+        "nested": (
+            LM_HEAD,
+            Prefix("model.visual.", "vision"),
+            Prefix("model.language_model.", "text"),
+        ),
+        "legacy": (LM_HEAD, Prefix("visual.", "vision"), Prefix("model.", "text")),
+    },
+    roles={"vision": VISION_ROLES, "text": TEXT_ROLES},
+    tiny_model=tiny_model,
+    demo_batch=demo_batch,
 )

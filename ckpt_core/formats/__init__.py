@@ -1,1 +1,2 @@
-"""One module per on-disk format; each calls `ckpt_core.registry.register` on import."""
+"""Reading checkpoints: the Reader protocol, one module per on-disk format, the registry table
+that lists them, and the one allow-listed unpickler every pickle goes through."""

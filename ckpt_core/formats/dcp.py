@@ -23,10 +23,9 @@ import torch
 
 from ckpt_core.dtypes import flat_buffer
 from ckpt_core.errors import FormatError, UnsafeFileError
-from ckpt_core.reader import OpenOptions, Reader, SourceFacts, TensorInfo
-from ckpt_core.registry import register
-from ckpt_core.storage import Location, safe_relative
-from ckpt_core.torchzip import LazyTensor, LazyTorchFile
+from ckpt_core.formats.protocol import OpenOptions, Reader, SourceFacts, TensorInfo
+from ckpt_core.formats.torchzip import LazyTensor, LazyTorchFile
+from ckpt_core.io.storage import Location, safe_relative
 
 METADATA = ".metadata"
 
@@ -401,7 +400,6 @@ def fill_from(target: torch.Tensor, lazy: LazyTensor) -> None:
 
 class DcpFormat:
     name = "dcp"
-    priority = 20
 
     def detect(self, root: Location) -> bool:
         return root.isdir() and root.exists(METADATA)
@@ -410,4 +408,4 @@ class DcpFormat:
         return DcpReader(root)
 
 
-register(DcpFormat())
+FORMAT = DcpFormat()

@@ -26,10 +26,9 @@ from ckpt_core.formats.deepspeed_layout import (
     zero2_plans,
     zero3_plans,
 )
-from ckpt_core.reader import OpenOptions, SourceFacts, TensorInfo
-from ckpt_core.registry import register
-from ckpt_core.storage import Location, safe_relative
-from ckpt_core.torchzip import LazyTensor, LazyTorchFile
+from ckpt_core.formats.protocol import OpenOptions, SourceFacts, TensorInfo
+from ckpt_core.formats.torchzip import LazyTensor, LazyTorchFile
+from ckpt_core.io.storage import Location, safe_relative
 
 
 def _lazy(root: Location, relative: str) -> LazyTorchFile:
@@ -355,7 +354,6 @@ def _parent_url(url: str) -> str:
 
 class DeepSpeedFormat:
     name = "deepspeed"
-    priority = 10  # a specific layout: before the generic torch.save and HF readers
 
     def detect(self, root: Location) -> bool:
         names = root.listdir()
@@ -401,4 +399,4 @@ class DeepSpeedFormat:
         )
 
 
-register(DeepSpeedFormat())
+FORMAT = DeepSpeedFormat()

@@ -22,10 +22,9 @@ import torch
 
 from ckpt_core.errors import FormatError, KeyMismatchError, clip
 from ckpt_core.formats.dcp import Box, Recorded, check_cover, fill_from, region, stand_in
-from ckpt_core.reader import OpenOptions, Reader, SourceFacts, TensorInfo
-from ckpt_core.registry import register
-from ckpt_core.storage import Location
-from ckpt_core.torchzip import LazyTensor, LazyTorchFile
+from ckpt_core.formats.protocol import OpenOptions, Reader, SourceFacts, TensorInfo
+from ckpt_core.formats.torchzip import LazyTensor, LazyTorchFile
+from ckpt_core.io.storage import Location
 
 VERL = re.compile(r"^model_world_size_(\d+)_rank_(\d+)\.pt$")
 BAGEL = re.compile(r"^model_rank(\d{5})\.pt$")
@@ -334,7 +333,6 @@ def rank_files(root: Location) -> tuple[list[str], int, list[str]]:
 
 class FsdpRanksFormat:
     name = "fsdp-ranks"
-    priority = 30
 
     def detect(self, root: Location) -> bool:
         if not root.isdir():
@@ -346,4 +344,4 @@ class FsdpRanksFormat:
         return FsdpRanksReader(root, files, world, notes)
 
 
-register(FsdpRanksFormat())
+FORMAT = FsdpRanksFormat()

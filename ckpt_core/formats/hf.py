@@ -11,11 +11,10 @@ from functools import cached_property
 import torch
 
 from ckpt_core.errors import FormatError, clip
-from ckpt_core.reader import OpenOptions, SourceFacts, TensorInfo
-from ckpt_core.registry import register
-from ckpt_core.safetensors_header import Entry, read_elements, read_header, read_tensor
-from ckpt_core.storage import Location, safe_relative
-from ckpt_core.torchzip import LazyTensor, LazyTorchFile, iter_tensors
+from ckpt_core.formats.protocol import OpenOptions, SourceFacts, TensorInfo
+from ckpt_core.formats.safetensors_header import Entry, read_elements, read_header, read_tensor
+from ckpt_core.formats.torchzip import LazyTensor, LazyTorchFile, iter_tensors
+from ckpt_core.io.storage import Location, safe_relative
 
 SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -137,7 +136,6 @@ class TorchBinReader:
 
 class HFFormat:
     name = "hf"
-    priority = 50
 
     def detect(self, root: Location) -> bool:
         names = set(root.listdir())
@@ -172,4 +170,4 @@ class HFFormat:
         raise FormatError(f"{root.url}: no model.safetensors, pytorch_model.bin or index json")
 
 
-register(HFFormat())
+FORMAT = HFFormat()

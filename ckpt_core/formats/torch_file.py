@@ -16,11 +16,10 @@ from typing import Any
 import torch
 
 from ckpt_core.errors import FormatError, KeyMismatchError
-from ckpt_core.keycheck import tied_duplicates
-from ckpt_core.reader import OpenOptions, Reader, SourceFacts, TensorInfo
-from ckpt_core.registry import register
-from ckpt_core.storage import Location
-from ckpt_core.torchzip import LazyTensor, LazyTorchFile
+from ckpt_core.formats.keycheck import tied_duplicates
+from ckpt_core.formats.protocol import OpenOptions, Reader, SourceFacts, TensorInfo
+from ckpt_core.formats.torchzip import LazyTensor, LazyTorchFile
+from ckpt_core.io.storage import Location
 
 SUFFIXES = (".pth", ".pt", ".bin")
 WRAPPERS = ("model", "module", "state_dict")
@@ -127,7 +126,6 @@ class TorchFileReader:
 
 class TorchFileFormat:
     name = "torch-file"
-    priority = 1000  # generic: every specific layout is tried first
 
     def detect(self, root: Location) -> bool:
         if root.isdir():
@@ -147,4 +145,4 @@ class TorchFileFormat:
         return TorchFileReader(root, found[0], options)
 
 
-register(TorchFileFormat())
+FORMAT = TorchFileFormat()

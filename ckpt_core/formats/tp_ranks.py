@@ -21,11 +21,11 @@ import torch
 
 from ckpt_core.errors import FormatError, KeyMismatchError, clip
 from ckpt_core.families import Family, family_for, load_config
-from ckpt_core.reader import OpenOptions, SourceFacts, TensorInfo
-from ckpt_core.registry import open_reader, register
-from ckpt_core.storage import Location
-from ckpt_core.torchzip import LazyTensor, LazyTorchFile, iter_tensors
-from ckpt_core.tp_roles import Kind, Role, merge_from, merged_shape
+from ckpt_core.families.tp_roles import Kind, Role, merge_from, merged_shape
+from ckpt_core.formats import hf
+from ckpt_core.formats.protocol import OpenOptions, SourceFacts, TensorInfo
+from ckpt_core.formats.torchzip import LazyTensor, LazyTorchFile, iter_tensors
+from ckpt_core.io.storage import Location
 
 METADATA = "metadata.json"
 _RANK_FILE = re.compile(r"rank_(\d+)\.pt")
@@ -226,7 +226,7 @@ class TpRanksReader:
             )
         if self.base is None or not self._base_has_weights():
             return
-        base = open_reader(self.base.url, format_name="hf")
+        base = hf.FORMAT.open(self.base, OpenOptions())
         base_names = list(base.index())
         layout = self.family.detect_layout(base_names, self.base.url)
         expected = {
@@ -295,7 +295,6 @@ class TpRanksReader:
 
 class TpRanksFormat:
     name = "tp-ranks"
-    priority = 20
 
     def detect(self, root: Location) -> bool:
         names = set(root.listdir())
@@ -311,4 +310,4 @@ class TpRanksFormat:
         return TpRanksReader(root, options)
 
 
-register(TpRanksFormat())
+FORMAT = TpRanksFormat()

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ckpt_core.errors import FormatError
-from ckpt_core.storage import Location
+from ckpt_core.io.storage import Location
 
 # Config, generation, tokenizer, processor and chat-template files, as transformers saves them.
 ASSET_FILES = (

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ckpt_core.errors import PublishError
-from ckpt_core.storage import Location
+from ckpt_core.io.storage import Location
 
 LOCK_SUFFIX = ".ckptflow-lock"
 POLL_SECONDS = 0.2

@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from ckpt_core import __version__
-from ckpt_core.storage import Location
-from ckpt_core.writer import FileRecord
+from ckpt_core.io.storage import Location
+from ckpt_core.pipeline.writer import FileRecord
 
 MANIFEST = "manifest.json"
 SUCCESS = "_SUCCESS"

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ckpt_core.errors import CkptError, KeyMismatchError, clip
-from ckpt_core.storage import Location
+from ckpt_core.io.storage import Location
 
 
 def load_config(config_dir_or_url: str) -> Any:

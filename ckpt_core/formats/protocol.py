@@ -10,7 +10,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from ckpt_core.dtypes import itemsize
-from ckpt_core.storage import Location
+from ckpt_core.io.storage import Location
 
 
 @dataclass(frozen=True)
@@ -75,8 +75,6 @@ class Format(Protocol):
     """One on-disk layout: recognises it and opens it."""
 
     name: str
-    # Lower runs first in detection; specific layouts before generic ones.
-    priority: int
 
     def detect(self, root: Location) -> bool:
         """Cheap: a listing and at most a few small reads."""

@@ -27,10 +27,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ckpt_core.errors import CkptError, PublishError
-from ckpt_core.manifest import SUCCESS, read_published
-from ckpt_core.retry import StorageUnavailableError
-from ckpt_core.storage import Location
-from ckpt_core.writer import FileRecord, hash_file
+from ckpt_core.io.retry import StorageUnavailableError
+from ckpt_core.io.storage import Location
+from ckpt_core.pipeline.manifest import SUCCESS, read_published
+from ckpt_core.pipeline.writer import FileRecord, hash_file
 
 STAGING_SUFFIX = ".ckptflow-staging"
 INCOMPLETE = ".ckptflow-incomplete"  # marks unfinished work; holds the plan identity

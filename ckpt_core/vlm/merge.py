@@ -18,14 +18,14 @@ from typing import Any
 import torch
 
 import ckpt_core
-from ckpt_core import convert as conv
 from ckpt_core.errors import CkptError, VerifyError
-from ckpt_core.reader import OpenOptions
-from ckpt_core.storage import Location
-from ckpt_core.torchzip import LazyTorchFile, iter_tensors
-from ckpt_core.verify import ShardCheck, identical
-from ckpt_core.vlm_split import sha256_file
-from ckpt_core.writer import FileRecord, write_bytes
+from ckpt_core.formats.protocol import OpenOptions
+from ckpt_core.formats.torchzip import LazyTorchFile, iter_tensors
+from ckpt_core.io.storage import Location
+from ckpt_core.pipeline import convert as conv
+from ckpt_core.pipeline.verify import ShardCheck, identical
+from ckpt_core.pipeline.writer import FileRecord, write_bytes
+from ckpt_core.vlm.split import sha256_file
 
 MERGE_METADATA = "merge_metadata.json"
 BIN_FILE = "pytorch_model.bin"

@@ -3,7 +3,7 @@
 Object stores: s3fs takes the endpoint and credentials from the standard AWS environment
 (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_PROFILE`, ...) or from
 `configure("s3", endpoint_url=..., key=..., secret=...)`; neither is ever logged or recorded.
-Every call is retried on transient errors (ckpt_core.retry); reads are byte ranges.
+Every call is retried on transient errors (ckpt_core.io.retry); reads are byte ranges.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import fsspec
 from fsspec.core import split_protocol, url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from ckpt_core import retry
 from ckpt_core.errors import FormatError
+from ckpt_core.io import retry
 
 WRITE_BLOCK_BYTES = 16 * 2**20
 PART_SUFFIX = ".ckptflow-part"  # a local file being written; renamed to its name when complete

@@ -24,7 +24,7 @@ import torch
 
 from ckpt_core.dtypes import flat_buffer, itemsize
 from ckpt_core.errors import FormatError, UnsafeFileError
-from ckpt_core.storage import Location
+from ckpt_core.io.storage import Location
 
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")  # zip local file header, 30 bytes
 

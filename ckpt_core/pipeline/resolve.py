@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ckpt_core.errors import CkptError
-from ckpt_core.storage import Location, join_url
+from ckpt_core.io.storage import Location, join_url
 
 ENV_VARS = ("CKPTFLOW_PRETRAINED_PATH", "MINILLM_PRETRAINED_PATH")
 KNOWN_STAGES = (

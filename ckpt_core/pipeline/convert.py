@@ -20,13 +20,19 @@ from typing import Any
 
 import torch
 
-from ckpt_core import __version__, manifest, retry
-from ckpt_core.assets import AssetSource, find_assets, read_config, tie_word_embeddings
+from ckpt_core import __version__
 from ckpt_core.dtypes import itemsize, output_dtype, parse_target
 from ckpt_core.errors import FormatError, KeyMismatchError, VerifyError
-from ckpt_core.lock import destination_lock
-from ckpt_core.plan import SAFETENSORS_INDEX, ShardSpec, index_json, plan_shards
-from ckpt_core.publish import (
+from ckpt_core.formats.protocol import OpenOptions, Reader, TensorInfo
+from ckpt_core.formats.registry import detect, get_format
+from ckpt_core.io import retry
+from ckpt_core.io.lock import destination_lock
+from ckpt_core.io.stage import remote_stamp, stage_source
+from ckpt_core.io.storage import Location
+from ckpt_core.pipeline import manifest
+from ckpt_core.pipeline.assets import AssetSource, find_assets, read_config, tie_word_embeddings
+from ckpt_core.pipeline.plan import SAFETENSORS_INDEX, ShardSpec, index_json, plan_shards
+from ckpt_core.pipeline.publish import (
     Target,
     abandon,
     check_destination,
@@ -39,14 +45,10 @@ from ckpt_core.publish import (
     refuse_inside,
     target_for,
 )
-from ckpt_core.reader import OpenOptions, Reader, TensorInfo
-from ckpt_core.registry import detect, get_format
-from ckpt_core.stage import remote_stamp, stage_source
-from ckpt_core.storage import Location
-from ckpt_core.stream import ChunkBuffers, release_freed_memory, source_chunks
+from ckpt_core.pipeline.stream import ChunkBuffers, release_freed_memory, source_chunks
+from ckpt_core.pipeline.verify import Report, ShardCheck, combine, verify_shard
+from ckpt_core.pipeline.writer import FileRecord, write_bytes, write_safetensors
 from ckpt_core.units import parse_size_bytes
-from ckpt_core.verify import Report, ShardCheck, combine, verify_shard
-from ckpt_core.writer import FileRecord, write_bytes, write_safetensors
 
 OnBytes = Callable[[int], None]
 TIED_HEAD = "lm_head.weight"

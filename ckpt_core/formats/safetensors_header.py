@@ -10,7 +10,7 @@ import torch
 
 from ckpt_core.dtypes import flat_buffer, from_safetensors, itemsize, to_safetensors
 from ckpt_core.errors import FormatError
-from ckpt_core.storage import Location
+from ckpt_core.io.storage import Location
 
 MAX_HEADER_BYTES = 100_000_000  # the reference reader's limit
 

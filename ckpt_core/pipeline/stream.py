@@ -19,7 +19,7 @@ from typing import Protocol, TypeVar, runtime_checkable
 import torch
 
 from ckpt_core.dtypes import itemsize
-from ckpt_core.reader import Reader, TensorInfo
+from ckpt_core.formats.protocol import Reader, TensorInfo
 
 CHUNK_BYTES = 8 * 2**20  # big enough for full-speed IO, small enough to keep a few in flight
 PREFETCH_DEPTH = 1  # chunks produced ahead of the consumer

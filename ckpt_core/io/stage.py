@@ -14,9 +14,9 @@ import posixpath
 import shutil
 from pathlib import Path
 
-from ckpt_core import retry
 from ckpt_core.errors import FormatError
-from ckpt_core.storage import Location
+from ckpt_core.io import retry
+from ckpt_core.io.storage import Location
 
 STAMP = ".ckptflow-staged"  # written last: a staging without it is incomplete
 _CHANGE_KEYS = ("ETag", "etag", "LastModified", "mtime", "created")

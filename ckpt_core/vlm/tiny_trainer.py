@@ -24,10 +24,10 @@ import torch
 
 from ckpt_core.errors import CkptError, FormatError
 from ckpt_core.families import Family, family_for, load_config
-from ckpt_core.storage import Location
-from ckpt_core.torchzip import LazyTorchFile, iter_tensors
-from ckpt_core.tp_roles import merge, shard
-from ckpt_core.vlm_split import SPLIT_METADATA
+from ckpt_core.families.tp_roles import merge, shard
+from ckpt_core.formats.torchzip import LazyTorchFile, iter_tensors
+from ckpt_core.io.storage import Location
+from ckpt_core.vlm.split import SPLIT_METADATA
 
 METADATA = "metadata.json"
 

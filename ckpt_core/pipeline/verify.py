@@ -12,10 +12,10 @@ import torch
 
 from ckpt_core.dtypes import to_safetensors
 from ckpt_core.errors import FormatError
-from ckpt_core.plan import ShardSpec
-from ckpt_core.safetensors_header import read_elements, read_header
-from ckpt_core.storage import Location
-from ckpt_core.stream import ChunkBuffers, prefetch
+from ckpt_core.formats.safetensors_header import read_elements, read_header
+from ckpt_core.io.storage import Location
+from ckpt_core.pipeline.plan import ShardSpec
+from ckpt_core.pipeline.stream import ChunkBuffers, prefetch
 from ckpt_core.units import format_bytes
 
 
@@ -79,7 +79,7 @@ def verify_shard(
     on_bytes: Callable[[int], None] | None = None,
 ) -> ShardCheck:
     """Compare a written shard, chunk by chunk, with `expected(name)`: the source tensor's flat
-    chunks after the same cast, produced one step ahead on a thread (see ckpt_core.stream)."""
+    chunks after the same cast, produced one step ahead on a thread (see ckpt_core.pipeline.stream)."""
     header = read_header(root, shard.filename)
     if set(header.entries) != set(shard.tensors):
         raise FormatError(f"{root.file(shard.filename)}: holds other tensors than planned")

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import torch
 
 from ckpt_core.errors import CkptError
-from ckpt_core.safetensors_header import build_header
-from ckpt_core.storage import Location
-from ckpt_core.stream import prefetch
+from ckpt_core.formats.safetensors_header import build_header
+from ckpt_core.io.storage import Location
+from ckpt_core.pipeline.stream import prefetch
 
 SAFETENSORS_METADATA = {"format": "pt"}  # transformers refuses files without it
 

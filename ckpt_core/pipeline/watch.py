@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ckpt_core.errors import CkptError
-from ckpt_core.registry import detect
-from ckpt_core.storage import Location, join_url
+from ckpt_core.formats.registry import detect
+from ckpt_core.io.storage import Location, join_url
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,7 @@ class Pending:
 def find_pending(root_url: str, out_root_url: str) -> list[Pending]:
     """Each directory directly under `root_url` that holds a readable checkpoint and whose
     destination `out_root_url/<name>` is missing or incomplete (no `_SUCCESS`)."""
-    from ckpt_core.manifest import SUCCESS
+    from ckpt_core.pipeline.manifest import SUCCESS
 
     root = Location(root_url)
     pending: list[Pending] = []

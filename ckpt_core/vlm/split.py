@@ -20,8 +20,8 @@ import torch
 import ckpt_core
 from ckpt_core.errors import KeyMismatchError, PublishError
 from ckpt_core.families import Family, family_for, load_config
-from ckpt_core.registry import open_reader
-from ckpt_core.storage import Location
+from ckpt_core.formats.registry import open_reader
+from ckpt_core.io.storage import Location
 
 SPLIT_METADATA = "split_metadata.json"
 
