@@ -1,14 +1,35 @@
-"""Errors ckptflow raises on expected failures: each names the file and what to do.
+"""Every error ckptflow raises on an expected failure: each names the file and what to do.
 
-The CLI prints these as one line and exits non-zero; anything else is a bug and keeps
-its traceback.
+The CLI prints these as one line and exits non-zero; anything else is a bug and keeps its
+traceback. Whether a failure is worth retrying is decided by `ckpt_core.io.retry`, not here.
 """
 
 from __future__ import annotations
 
+__all__ = [
+    "CkptError",
+    "ConfigError",
+    "FormatError",
+    "KeyMismatchError",
+    "PublishError",
+    "SourceChangedError",
+    "StorageRefusedError",
+    "StorageUnavailableError",
+    "TrainCommandError",
+    "UnknownTensorError",
+    "UnsafeFileError",
+    "UsageError",
+    "VerifyError",
+    "clip",
+]
+
 
 class CkptError(Exception):
     """Base of every expected failure."""
+
+
+class UsageError(CkptError):
+    """An option value ckptflow cannot use (a size, a dtype, an output format)."""
 
 
 class FormatError(CkptError):
@@ -19,6 +40,17 @@ class UnsafeFileError(FormatError):
     """A file asks to run code (a pickle global outside the allow-list)."""
 
 
+class UnknownTensorError(CkptError, KeyError):
+    """`Reader.read` of a name the reader's index does not hold (every reader raises this)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class ConfigError(CkptError):
+    """A model config (config.json, --base) is missing or is not one transformers can build."""
+
+
 class KeyMismatchError(CkptError):
     """Tensor names do not match what the model or the plan expects."""
 
@@ -27,8 +59,24 @@ class VerifyError(CkptError):
     """Written output differs from its source."""
 
 
+class SourceChangedError(CkptError):
+    """The source checkpoint changed while it was being converted."""
+
+
 class PublishError(CkptError):
     """The destination cannot be written as asked (exists, differs, is the source)."""
+
+
+class StorageUnavailableError(CkptError):
+    """Transient storage errors outlasted the retries. The work so far is kept for a rerun."""
+
+
+class StorageRefusedError(CkptError):
+    """A permanent storage failure (missing bucket or file, permission denied)."""
+
+
+class TrainCommandError(CkptError):
+    """The user's training command failed or wrote no rank files."""
 
 
 def clip(names: list[str] | set[str], most: int = 10) -> str:

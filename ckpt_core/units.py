@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from ckpt_core.errors import CkptError
+from ckpt_core.errors import UsageError
 
 _UNITS = {
     "": 1,
@@ -27,11 +27,11 @@ def parse_size_bytes(text: str | int) -> int:
         return text
     match = _SIZE.match(text)
     if not match:
-        raise CkptError(f"cannot read size {text!r}: use bytes or a unit, e.g. 5GB, 500MB, 200KB")
+        raise UsageError(f"cannot read size {text!r}: use bytes or a unit, e.g. 5GB, 500MB, 200KB")
     number, unit = match.groups()
     size = int(float(number) * _UNITS[(unit or "").upper()])
     if size <= 0:
-        raise CkptError(f"size {text!r} must be positive")
+        raise UsageError(f"size {text!r} must be positive")
     return size
 
 

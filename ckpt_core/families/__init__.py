@@ -10,7 +10,8 @@ from typing import Any
 
 from ckpt_core.errors import FormatError
 from ckpt_core.families import qwen2_5_vl
-from ckpt_core.families.family import Family, Part, Prefix, load_config
+from ckpt_core.families.family import Family, Part, Prefix
+from ckpt_core.families.model_config import load_config
 
 __all__ = ["FAMILIES", "Family", "Part", "Prefix", "family_for", "load_config"]
 

@@ -7,13 +7,13 @@ tensors are cut across tensor-parallel ranks. Nothing here reads tensor data.
 
 from __future__ import annotations
 
-import json
 import pathlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ckpt_core.errors import FormatError, KeyMismatchError, clip
+from ckpt_core.errors import KeyMismatchError, clip
+from ckpt_core.families.model_config import tie_word_embeddings
 from ckpt_core.families.tp_roles import RoleTable
 
 
@@ -98,8 +98,8 @@ class Family:
 
         return CONFIG_MAPPING[self.model_type].from_dict(dict(config))
 
-    def tied(self, config: Mapping[str, Any]) -> bool:
-        return bool(getattr(self.parsed_config(config), "tie_word_embeddings", False))
+    def tied(self, config: Mapping[str, Any]) -> bool:  # TODO(layout): callers use model_config
+        return tie_word_embeddings(config)
 
     def vocab_size(self, config: Mapping[str, Any]) -> int:
         """Rows of the embedding and lm_head: the text config's vocab_size."""
@@ -148,17 +148,3 @@ def _saved_layout(family: Family) -> str:
     layout = family.detect_layout(names, f"tiny {family.model_type} saved by transformers")
     _SAVED_LAYOUTS[family.model_type] = layout
     return layout
-
-
-def load_config(root: Any, where: str | None = None) -> dict[str, Any]:
-    """config.json of a directory (a Location), as a dict; a clear error when absent."""
-    place = where or root.file("config.json")
-    if not root.exists("config.json"):
-        raise FormatError(f"{place}: no config.json (pass the base model directory)")
-    try:
-        parsed = json.loads(root.read_text("config.json"))
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{place}: not valid JSON ({e})") from e
-    if not isinstance(parsed, dict):
-        raise FormatError(f"{place}: not a JSON object")
-    return parsed

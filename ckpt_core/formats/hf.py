@@ -4,14 +4,14 @@ pytorch_model.bin and its sharded index. Tensors are read by byte range, one at 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 
 import torch
 
 from ckpt_core.errors import FormatError, clip
-from ckpt_core.formats.protocol import OpenOptions, SourceFacts, TensorInfo
+from ckpt_core.formats.protocol import OpenOptions, SourceFacts, TensorInfo, lookup
 from ckpt_core.formats.safetensors_header import Entry, read_elements, read_header, read_tensor
 from ckpt_core.formats.torchzip import LazyTensor, LazyTorchFile, iter_tensors
 from ckpt_core.io.storage import Location, safe_relative
@@ -52,83 +52,84 @@ def _check_files_match_map(
         )
 
 
-@dataclass
-class SafetensorsReader:
+@dataclass(frozen=True)
+class StoredTensor:
+    """A tensor in a safetensors file, read like a `LazyTensor`: whole, or by element range."""
+
     root: Location
-    files: list[str]
-    weight_map: dict[str, str] | None = None
+    file: str
+    entry: Entry
 
-    @cached_property
-    def _entries(self) -> dict[str, tuple[str, Entry]]:
-        found: dict[str, tuple[str, Entry]] = {}
-        for file in self.files:
-            for name, entry in read_header(self.root, file).entries.items():
-                if name in found:
-                    raise FormatError(
-                        f"{self.root.file(file)}: tensor {name!r} is also in {found[name][0]}"
-                    )
-                found[name] = (file, entry)
-        if self.weight_map is not None:
-            where = self.root.file(SAFETENSORS_INDEX)
-            _check_files_match_map(where, self.weight_map, {n: f for n, (f, _) in found.items()})
-            found = {name: found[name] for name in self.weight_map}
-        return found
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.entry.dtype
 
-    def index(self) -> Mapping[str, TensorInfo]:
-        return {name: TensorInfo(name, e.dtype, e.shape) for name, (_, e) in self._entries.items()}
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.entry.shape
 
-    def read(self, name: str) -> torch.Tensor:
-        file, entry = self._entries[name]
-        return read_tensor(self.root, file, entry)
+    def materialize(self) -> torch.Tensor:
+        return read_tensor(self.root, self.file, self.entry)
 
-    def read_range(
-        self, name: str, start: int, count: int, out: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        file, entry = self._entries[name]
-        return read_elements(self.root, file, entry, start, count, out)
+    def read_range(self, start: int, count: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        return read_elements(self.root, self.file, self.entry, start, count, out)
 
-    def facts(self) -> SourceFacts:
-        return SourceFacts("hf-safetensors", list(self.files))
 
-    def asset_dirs(self) -> list[Location]:
-        return [self.root]
+def _safetensors(root: Location, file: str) -> list[tuple[str, StoredTensor | LazyTensor]]:
+    return [(n, StoredTensor(root, file, e)) for n, e in read_header(root, file).entries.items()]
+
+
+def _torch_bin(root: Location, file: str) -> list[tuple[str, StoredTensor | LazyTensor]]:
+    return list(iter_tensors(LazyTorchFile(root, file).obj))
+
+
+# Each HF weight layout: (single file, index json, how a file lists its tensors, facts name).
+LAYOUTS = (
+    (SAFETENSORS_SINGLE, SAFETENSORS_INDEX, _safetensors, "hf-safetensors"),
+    (BIN_SINGLE, BIN_INDEX, _torch_bin, "hf-bin"),
+)
 
 
 @dataclass
-class TorchBinReader:
+class HFReader:
+    """Safetensors or pytorch_model.bin files, one or sharded with an index json."""
+
     root: Location
     files: list[str]
+    tensors_of: Callable[[Location, str], list[tuple[str, StoredTensor | LazyTensor]]]
+    kind: str
+    index_name: str
     weight_map: dict[str, str] | None = None
 
     @cached_property
-    def _tensors(self) -> dict[str, LazyTensor]:
-        found: dict[str, LazyTensor] = {}
+    def _tensors(self) -> dict[str, StoredTensor | LazyTensor]:
+        found: dict[str, StoredTensor | LazyTensor] = {}
         owner: dict[str, str] = {}
         for file in self.files:
-            for name, tensor in iter_tensors(LazyTorchFile(self.root, file).obj):
+            for name, tensor in self.tensors_of(self.root, file):
                 if name in found:
                     raise FormatError(
                         f"{self.root.file(file)}: tensor {name!r} is also in {owner[name]}"
                     )
                 found[name], owner[name] = tensor, file
         if self.weight_map is not None:
-            _check_files_match_map(self.root.file(BIN_INDEX), self.weight_map, owner)
+            _check_files_match_map(self.root.file(self.index_name), self.weight_map, owner)
             found = {name: found[name] for name in self.weight_map}
         return found
 
     def index(self) -> Mapping[str, TensorInfo]:
-        return {name: TensorInfo(name, t.dtype, t.shape) for name, t in self._tensors.items()}
+        return {n: TensorInfo(n, t.dtype, tuple(t.shape)) for n, t in self._tensors.items()}
 
     def read(self, name: str) -> torch.Tensor:
-        return self._tensors[name].materialize()
+        return lookup(self._tensors, name, self.root.url).materialize()
 
     def read_range(
         self, name: str, start: int, count: int, out: torch.Tensor | None = None
     ) -> torch.Tensor:
-        return self._tensors[name].read_range(start, count, out)
+        return lookup(self._tensors, name, self.root.url).read_range(start, count, out)
 
     def facts(self) -> SourceFacts:
-        return SourceFacts("hf-bin", list(self.files))
+        return SourceFacts(self.kind, list(self.files))
 
     def asset_dirs(self) -> list[Location]:
         return [self.root]
@@ -149,7 +150,7 @@ class HFFormat:
         }
         return bool(names & markers)
 
-    def open(self, root: Location, options: OpenOptions) -> SafetensorsReader | TorchBinReader:
+    def open(self, root: Location, options: OpenOptions) -> HFReader:
         names = set(root.listdir())
         if names & {"manifest.json", ".ckptflow-incomplete"} and "_SUCCESS" not in names:
             # ckptflow's own output is only complete with its marker (written last).
@@ -157,16 +158,13 @@ class HFFormat:
                 f"{root.url}: an unfinished ckptflow output (no _SUCCESS marker): a conversion "
                 "to it died or is still running; run that conversion again to finish it"
             )
-        if SAFETENSORS_INDEX in names:
-            weight_map = read_weight_map(root, SAFETENSORS_INDEX)
-            return SafetensorsReader(root, sorted(set(weight_map.values())), weight_map)
-        if SAFETENSORS_SINGLE in names:
-            return SafetensorsReader(root, [SAFETENSORS_SINGLE])
-        if BIN_INDEX in names:
-            weight_map = read_weight_map(root, BIN_INDEX)
-            return TorchBinReader(root, sorted(set(weight_map.values())), weight_map)
-        if BIN_SINGLE in names:
-            return TorchBinReader(root, [BIN_SINGLE])
+        for single, index_name, tensors_of, kind in LAYOUTS:
+            if index_name in names:
+                weight_map = read_weight_map(root, index_name)
+                files = sorted(set(weight_map.values()))
+                return HFReader(root, files, tensors_of, kind, index_name, weight_map)
+            if single in names:
+                return HFReader(root, [single], tensors_of, kind, index_name)
         raise FormatError(f"{root.url}: no model.safetensors, pytorch_model.bin or index json")
 
 

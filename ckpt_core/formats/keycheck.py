@@ -8,45 +8,32 @@ an `allow_missing` fnmatch pattern; unexpected keys always fail.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from fnmatch import fnmatchcase
 from typing import Any
 
 import torch
 
-from ckpt_core.errors import CkptError, KeyMismatchError, clip
-from ckpt_core.io.storage import Location
+from ckpt_core.errors import ConfigError, KeyMismatchError, clip
+from ckpt_core.families.model_config import CONFIG, read_config, transformers_config
+from ckpt_core.io.storage import Location, split_url
 
 
 def load_config(config_dir_or_url: str) -> Any:
     """A transformers config from `config.json` in a directory (or the json file itself), any URL."""
-    from transformers import AutoConfig
-
     loc = Location(config_dir_or_url)
-    if loc.isdir():
-        where, text = loc.file("config.json"), _read(loc, "config.json")
-    else:
-        parent, _, name = config_dir_or_url.rstrip("/").rpartition("/")
-        where, text = config_dir_or_url, _read(Location(parent or "."), name)
-    try:
-        values = json.loads(text)
-        model_type = values.pop("model_type")
-    except (ValueError, KeyError, AttributeError) as e:
-        raise CkptError(
-            f"{where}: not a transformers config.json with a model_type ({e}); pass --base with "
-            "the HF model directory the checkpoint was trained from"
-        ) from e
-    try:
-        return AutoConfig.for_model(model_type, **values)
-    except (ValueError, KeyError) as e:
-        raise CkptError(f"{where}: transformers does not know model_type {model_type!r}") from e
+    directory, name = (loc, CONFIG) if loc.isdir() else _file(config_dir_or_url)
+    values = read_config(directory, name)
+    if values is None:
+        raise ConfigError(
+            f"{directory.file(name)}: no config.json to check the checkpoint's keys against"
+        )
+    return transformers_config(values, directory.file(name))
 
 
-def _read(loc: Location, name: str) -> str:
-    if not loc.exists(name):
-        raise CkptError(f"{loc.file(name)}: no config.json to check the checkpoint's keys against")
-    return loc.read_text(name)
+def _file(url: str) -> tuple[Location, str]:
+    parent, name = split_url(url)
+    return Location(parent), name
 
 
 def model_key_groups(config: Any) -> list[list[str]]:
@@ -68,7 +55,7 @@ def model_key_groups(config: Any) -> list[list[str]]:
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             errors.append(f"{getattr(cls, '__name__', cls)}: {e}")
     else:
-        raise CkptError(f"cannot build the model config describes: {'; '.join(errors)}")
+        raise ConfigError(f"cannot build the model config describes: {'; '.join(errors)}")
     groups: dict[int, list[str]] = {}
     for name, value in model.state_dict(keep_vars=True).items():
         groups.setdefault(id(value), []).append(name)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
 import torch
 
 from ckpt_core.dtypes import itemsize
+from ckpt_core.errors import UnknownTensorError
 from ckpt_core.io.storage import Location
 
 
@@ -61,7 +62,8 @@ class Reader(Protocol):
         ...
 
     def read(self, name: str) -> torch.Tensor:
-        """Materialise one tensor on the CPU, contiguous, in its stored dtype."""
+        """Materialise one tensor on the CPU, contiguous, in its stored dtype; a name the index
+        does not hold raises `UnknownTensorError` (see `lookup`)."""
         ...
 
     def facts(self) -> SourceFacts: ...
@@ -81,3 +83,14 @@ class Format(Protocol):
         ...
 
     def open(self, root: Location, options: OpenOptions) -> Reader: ...
+
+
+T = TypeVar("T")
+
+
+def lookup(table: Mapping[str, T], name: str, where: str) -> T:
+    """`table[name]`, or the one error every reader raises for a name its index does not hold."""
+    try:
+        return table[name]
+    except KeyError:
+        raise UnknownTensorError(f"{where}: no tensor {name!r} in this checkpoint") from None

@@ -17,20 +17,14 @@ import torch
 
 from ckpt_core.errors import FormatError, KeyMismatchError
 from ckpt_core.formats.keycheck import tied_duplicates
-from ckpt_core.formats.protocol import OpenOptions, Reader, SourceFacts, TensorInfo
-from ckpt_core.formats.torchzip import LazyTensor, LazyTorchFile
-from ckpt_core.io.storage import Location
+from ckpt_core.formats.protocol import OpenOptions, Reader, SourceFacts, TensorInfo, lookup
+from ckpt_core.formats.torchzip import LazyTensor, LazyTorchFile, iter_tensors
+from ckpt_core.io.storage import Location, split_url
 
 SUFFIXES = (".pth", ".pt", ".bin")
 WRAPPERS = ("model", "module", "state_dict")
 # Names that belong to other formats even when alone in a directory.
 HF_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.safetensors")
-
-
-def split_file_url(url: str) -> tuple[Location, str]:
-    """(directory, file name) of a file URL."""
-    parent, _, name = url.rstrip("/").rpartition("/")
-    return Location(parent or "."), name
 
 
 def candidates(root: Location) -> list[str]:
@@ -48,7 +42,7 @@ def unwrap(obj: Any, where: str) -> tuple[dict[str, LazyTensor], list[str]]:
     source: Mapping[str, Any] = obj
     for key in WRAPPERS:
         inner = obj.get(key)
-        if isinstance(inner, Mapping) and _flatten(inner):
+        if isinstance(inner, Mapping) and iter_tensors(inner):
             source = inner
             others = sorted(str(k) for k in obj if k != key)
             notes.append(
@@ -56,24 +50,13 @@ def unwrap(obj: Any, where: str) -> tuple[dict[str, LazyTensor], list[str]]:
                 + (f"; ignored {', '.join(others[:8])}" if others else "")
             )
             break
-    tensors = _flatten(source)
+    tensors = dict(iter_tensors(source))
     if not tensors:
         raise FormatError(f"{where}: no tensors found (keys: {', '.join(map(str, list(obj)[:8]))})")
     skipped = [str(k) for k, v in source.items() if not isinstance(v, (LazyTensor, Mapping))]
     if skipped:
         notes.append(f"ignored non-tensor entries: {', '.join(skipped[:8])}")
     return tensors, notes
-
-
-def _flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, LazyTensor]:
-    found: dict[str, LazyTensor] = {}
-    for key, value in obj.items():
-        name = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, LazyTensor):
-            found[name] = value
-        elif isinstance(value, Mapping):
-            found.update(_flatten(value, name))
-    return found
 
 
 class TorchFileReader:
@@ -111,11 +94,7 @@ class TorchFileReader:
         return {n: TensorInfo(n, t.dtype, tuple(t.shape)) for n, t in self._tensors.items()}
 
     def read(self, name: str) -> torch.Tensor:
-        try:
-            lazy = self._tensors[name]
-        except KeyError:
-            raise KeyError(f"{self._where}: no tensor {name!r}") from None
-        return lazy.materialize()
+        return lookup(self._tensors, name, self._where).materialize()
 
     def facts(self) -> SourceFacts:
         return SourceFacts("torch-file", [self._name], list(self._notes))
@@ -134,7 +113,8 @@ class TorchFileFormat:
 
     def open(self, root: Location, options: OpenOptions) -> Reader:
         if not root.isdir():
-            directory, name = split_file_url(root.url)
+            parent, name = split_url(root.url)
+            directory = Location(parent)
             return TorchFileReader(directory, name, options)
         found = candidates(root)
         if len(found) != 1:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
-from ckpt_core.errors import CkptError
+from ckpt_core.errors import CkptError, StorageRefusedError, StorageUnavailableError
 
 T = TypeVar("T")
 log = logging.getLogger("ckptflow.retry")
@@ -85,14 +85,6 @@ def _policy_from_env() -> RetryPolicy:
 
 
 POLICY = _policy_from_env()
-
-
-class StorageUnavailableError(CkptError):
-    """Transient storage errors outlasted the retries. The work so far is kept for a rerun."""
-
-
-class StorageRefusedError(CkptError):
-    """A permanent storage failure (missing bucket or file, permission denied)."""
 
 
 def explain(error: OSError, where: str) -> StorageRefusedError:

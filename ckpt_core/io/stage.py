@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import posixpath
 import shutil
 from pathlib import Path
 
 from ckpt_core.errors import FormatError
 from ckpt_core.io import retry
+from ckpt_core.io.fingerprint import fingerprint
 from ckpt_core.io.storage import Location
 
 STAMP = ".ckptflow-staged"  # written last: a staging without it is incomplete
-_CHANGE_KEYS = ("ETag", "etag", "LastModified", "mtime", "created")
 
 
 def remote_stamp(src_url: str) -> str:
@@ -28,11 +27,7 @@ def remote_stamp(src_url: str) -> str:
     listing = retry.call(src_url, lambda: src.fs.find(src.path, detail=True))
     if not listing:
         raise FormatError(f"{src_url}: no such file or directory (nothing to stage)")
-    parts = []
-    for path, info in sorted(listing.items()):
-        stamp = next((str(info[k]) for k in _CHANGE_KEYS if k in info), "")
-        parts.append([posixpath.relpath(path, src.path), int(info.get("size") or 0), stamp])
-    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+    return fingerprint((posixpath.relpath(path, src.path), info) for path, info in listing.items())
 
 
 def stage_source(src_url: str, cache_dir: str) -> str:

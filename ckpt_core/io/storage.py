@@ -213,6 +213,15 @@ def join_url(url: str, relative: str) -> str:
     return url.rstrip("/") + "/" + relative.lstrip("/")
 
 
+def split_url(url: str) -> tuple[str, str]:
+    """(parent, last name) of a path or URL; a bucket (`s3://b`) is its own parent, named ""."""
+    stripped = url.rstrip("/")
+    parent, _, name = stripped.rpartition("/")
+    if parent.endswith(":/"):
+        return stripped, ""
+    return parent or ("/" if stripped.startswith("/") else "."), name
+
+
 def safe_relative(name: str, where: str) -> str:
     """A file name from inside a checkpoint (an index json, a manifest) must stay inside it."""
     normal = posixpath.normpath(name)

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ckpt_core.errors import FormatError
+from ckpt_core.families import model_config
+from ckpt_core.families.model_config import CONFIG
 from ckpt_core.io.storage import Location
 
 # Config, generation, tokenizer, processor and chat-template files, as transformers saves them.
 ASSET_FILES = (
-    "config.json",
+    CONFIG,
     "generation_config.json",
     "tokenizer.json",
     "tokenizer_config.json",
@@ -52,32 +52,8 @@ def find_assets(dirs: Sequence[Location]) -> list[AssetSource]:
 
 
 def read_config(assets: Sequence[AssetSource]) -> dict[str, Any] | None:
+    """The config.json among the assets, as a dict (None when there is none)."""
     for asset in assets:
-        if asset.name == "config.json":
-            root = Location(asset.url)
-            try:
-                parsed = json.loads(root.read_text("config.json"))
-            except json.JSONDecodeError as e:
-                raise FormatError(f"{root.file('config.json')}: not valid JSON ({e})") from e
-            return parsed if isinstance(parsed, dict) else None
+        if asset.name == CONFIG:
+            return model_config.read_config(Location(asset.url))
     return None
-
-
-def tie_word_embeddings(config: dict[str, Any]) -> bool:
-    """The config's own word when it says it (the text part's first: VLM configs nest it);
-    otherwise ask transformers, whose model classes have different defaults. Importing
-    transformers costs a second or more, so it is the fallback."""
-    text = config.get("text_config")
-    for part in (text if isinstance(text, dict) else {}, config):
-        if "tie_word_embeddings" in part:
-            return bool(part["tie_word_embeddings"])
-    from transformers import AutoConfig
-
-    try:
-        parsed = AutoConfig.for_model(**config)
-    except (ValueError, KeyError, TypeError) as e:
-        raise FormatError(f"config.json: transformers cannot read it ({e})") from e
-    text_config = parsed.get_text_config()
-    return bool(
-        getattr(text_config, "tie_word_embeddings", getattr(parsed, "tie_word_embeddings", False))
-    )

@@ -3,28 +3,22 @@ No timestamps, so the same conversion always writes the same bytes."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from typing import Any
 
 from ckpt_core import __version__
+from ckpt_core.io.fingerprint import fingerprint as listing_fingerprint
 from ckpt_core.io.storage import Location
 from ckpt_core.pipeline.writer import FileRecord
 
 MANIFEST = "manifest.json"
 SUCCESS = "_SUCCESS"
-_CHANGE_KEYS = ("mtime", "ETag", "etag", "LastModified", "created")
 
 
 def fingerprint(root: Location, files: Sequence[str]) -> str:
-    """Names, sizes and modification stamps of the source files: cheap, and changes when they do."""
-    parts = []
-    for name in sorted(files):
-        info = root.info(name)
-        stamp = next((str(info[k]) for k in _CHANGE_KEYS if k in info), "")
-        parts.append([name, int(info.get("size") or 0), stamp])
-    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+    """The fingerprint of the source files a reader read."""
+    return listing_fingerprint((name, root.info(name)) for name in files)
 
 
 def identity(source: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:

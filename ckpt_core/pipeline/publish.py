@@ -26,8 +26,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ckpt_core.errors import CkptError, PublishError
-from ckpt_core.io.retry import StorageUnavailableError
+from ckpt_core.errors import CkptError, PublishError, StorageUnavailableError
 from ckpt_core.io.storage import Location
 from ckpt_core.pipeline.manifest import SUCCESS, read_published
 from ckpt_core.pipeline.writer import FileRecord, hash_file

@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from ckpt_core.errors import CkptError
+from ckpt_core.errors import StorageRefusedError, UsageError
 from ckpt_core.io.storage import Location, join_url
 
 ENV_VARS = ("CKPTFLOW_PRETRAINED_PATH", "MINILLM_PRETRAINED_PATH")
@@ -50,11 +50,11 @@ class Resolution:
 
 def pretrained_name(stage: str, hidden_size: int, moe: bool = False) -> str:
     if not _STAGE.match(stage):
-        raise CkptError(
+        raise UsageError(
             f"stage {stage!r} is not a plain name (known stages: {', '.join(KNOWN_STAGES)})"
         )
     if int(hidden_size) <= 0:
-        raise CkptError(f"hidden size must be a positive integer, got {hidden_size}")
+        raise UsageError(f"hidden size must be a positive integer, got {hidden_size}")
     return f"{stage}_{int(hidden_size)}{'_moe' if moe else ''}.pth"
 
 
@@ -72,7 +72,7 @@ def resolve(
     name = pretrained_name(stage, hidden_size, moe)
     if explicit:
         if not Location(explicit).exists():
-            raise CkptError(
+            raise StorageRefusedError(
                 f"{explicit}: the pretrained path given explicitly does not exist "
                 "(no fallback is tried when a path is given)"
             )
@@ -94,7 +94,7 @@ def resolve(
         if Location(url).exists():
             return Resolution(url, source, searched)
     listing = "; ".join(f"{s}: {u}" for s, u in searched) or "(no candidate: give a path)"
-    raise CkptError(
+    raise StorageRefusedError(
         f"no pretrained weights {name} found; searched {listing}. Pass --path, set "
         f"{ENV_VARS[0]}, or give --remote-dir/--local-dir"
     )

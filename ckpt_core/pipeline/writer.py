@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ckpt_core.errors import CkptError
+from ckpt_core.errors import FormatError
 from ckpt_core.formats.safetensors_header import build_header
 from ckpt_core.io.storage import Location
 from ckpt_core.pipeline.stream import prefetch
@@ -78,14 +78,14 @@ def write_safetensors(
             dtype, numel = planned[name]
             counted[name] += chunk.numel()
             if chunk.dtype != dtype or counted[name] > numel:
-                raise CkptError(f"{name}: produced {chunk.dtype} data beyond the planned {dtype}")
+                raise FormatError(f"{name}: produced {chunk.dtype} data beyond the planned {dtype}")
             if chunk.numel():
                 out.write(chunk.contiguous().view(torch.uint8).numpy().data)
             if on_bytes:
                 on_bytes(chunk.numel() * chunk.element_size())
         short = [n for n, (_, numel) in planned.items() if counted[n] != numel]
         if short:
-            raise CkptError(f"{root.file(filename)}: fewer elements than planned for {short[:5]}")
+            raise FormatError(f"{root.file(filename)}: fewer elements than planned for {short[:5]}")
     return FileRecord(filename, out.size_bytes, out.sha256)
 
 

@@ -18,8 +18,9 @@ from typing import Any
 import torch
 
 import ckpt_core
-from ckpt_core.errors import KeyMismatchError, PublishError
-from ckpt_core.families import Family, family_for, load_config
+from ckpt_core.errors import PublishError
+from ckpt_core.families import family_for, load_config
+from ckpt_core.families.model_config import TIED_HEAD, head_to_drop, tie_word_embeddings
 from ckpt_core.formats.registry import open_reader
 from ckpt_core.io.storage import Location
 
@@ -65,16 +66,6 @@ def _existing(out: Location, fingerprint: dict[str, int], source: str, overwrite
     return None
 
 
-def _check_untied_head(
-    family: Family, parts: dict[str, dict[str, str]], tied: bool, src: str
-) -> None:
-    if not tied and "lm_head.weight" not in parts["text"]:
-        raise KeyMismatchError(
-            f"{src}: the config has untied embeddings (tie_word_embeddings false) but the "
-            "checkpoint has no lm_head.weight: refusing to write a split without the output head"
-        )
-
-
 def split(model_url: str, output_url: str, *, overwrite: bool = False) -> SplitResult:
     """Split the HF model at `model_url` into per-part files under `output_url`."""
     import transformers
@@ -85,7 +76,10 @@ def split(model_url: str, output_url: str, *, overwrite: bool = False) -> SplitR
     reader = open_reader(model_url, format_name="hf")
     names = list(reader.index())
     layout = family.detect_layout(names, model_url)
-    tied = family.tied(config)
+    tied = tie_word_embeddings(config, root.file("config.json"))
+    head = head_to_drop(
+        names, tied=tied, where=model_url, head=family.to_hf("text", TIED_HEAD, layout)
+    )
     fingerprint = _source_fingerprint(root, reader.facts().files)
 
     previous = _existing(out, fingerprint, model_url, overwrite)
@@ -103,13 +97,12 @@ def split(model_url: str, output_url: str, *, overwrite: bool = False) -> SplitR
     parts: dict[str, dict[str, str]] = {p.name: {} for p in family.parts}
     notes: list[str] = []
     for name in names:
-        part_name, local = family.to_part(name, layout)
-        if part_name == "text" and local == "lm_head.weight" and tied:
+        if name == head:
             notes.append("lm_head.weight left out: the config ties it to embed_tokens")
             continue
+        part_name, local = family.to_part(name, layout)
         family.roles[part_name].role_of(local)
         parts[part_name][local] = name
-    _check_untied_head(family, parts, tied, model_url)
 
     out.fs.makedirs(out.path, exist_ok=True)
     if out.exists(SPLIT_METADATA):

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ckpt_core.errors import CkptError, FormatError
+from ckpt_core.errors import FormatError, TrainCommandError
 from ckpt_core.families import Family, family_for, load_config
 from ckpt_core.families.tp_roles import merge, shard
 from ckpt_core.formats.torchzip import LazyTorchFile, iter_tensors
@@ -162,10 +162,6 @@ def _optimise(
             optimiser.step()
             optimiser.zero_grad()
     return losses
-
-
-class TrainCommandError(CkptError):
-    """The user's training command failed or left no rank files."""
 
 
 def run_train_command(
