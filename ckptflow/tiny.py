@@ -35,7 +35,8 @@ def build_tiny_qwen2(seed: int = 0, tie_word_embeddings: bool = False, **overrid
         for name, param in model.named_parameters():
             if "norm" in name:
                 param.add_(torch.randn_like(param) * 0.1)
-    return model.eval()
+    model.train(False)  # eval mode; `eval()` is untyped in transformers' stubs
+    return model
 
 
 def sample_input_ids(vocab_size: int = 320, length: int = 12, seed: int = 1) -> torch.Tensor:

@@ -134,7 +134,7 @@ def _saved_layout(family: Family) -> str:
 
     # The probe is an implementation detail: no progress bar on the user's terminal.
     bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # unannotated upstream
     try:
         with tempfile.TemporaryDirectory(prefix="ckptflow-layout-") as tmp:
             family.tiny_model().save_pretrained(tmp)
@@ -144,7 +144,7 @@ def _saved_layout(family: Family) -> str:
                     names.extend(saved.keys())
     finally:
         if bars:
-            hf_logging.enable_progress_bar()
+            hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
     layout = family.detect_layout(names, f"tiny {family.model_type} saved by transformers")
     _SAVED_LAYOUTS[family.model_type] = layout
     return layout

@@ -15,6 +15,7 @@ pieces do not fit the rule, is an error that names it.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -61,11 +62,12 @@ class RoleTable:
     part: str
     rules: tuple[tuple[str, Role], ...]
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "_compiled", tuple((re.compile(p), r) for p, r in self.rules))
+    @functools.cached_property
+    def _compiled(self) -> tuple[tuple[re.Pattern[str], Role], ...]:
+        return tuple((re.compile(p), r) for p, r in self.rules)
 
     def role_of(self, name: str) -> Role:
-        for pattern, role in self._compiled:  # type: ignore[attr-defined]
+        for pattern, role in self._compiled:
             if pattern.fullmatch(name):
                 return role
         raise KeyMismatchError(
@@ -205,7 +207,7 @@ def merge_from(
         if piece.dtype != first.dtype:
             raise FormatError(f"{name}: rank {rank} holds {piece.dtype}, rank 0 {first.dtype}")
         width = piece.shape[dim] // blocks
-        for b, part in enumerate(piece.split(width, dim) if blocks > 1 else [piece]):
+        for b, part in enumerate(torch.split(piece, width, dim) if blocks > 1 else [piece]):
             out.narrow(dim, b * block_rows + offset, width).copy_(part)
         offset += width
         del piece

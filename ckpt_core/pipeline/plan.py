@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from huggingface_hub.serialization import split_state_dict_into_shards_factory
+from huggingface_hub import split_state_dict_into_shards_factory
 
 SAFETENSORS_PATTERN = "model{suffix}.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
