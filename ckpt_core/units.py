@@ -6,6 +6,8 @@ import re
 
 from ckpt_core.errors import UsageError
 
+__all__ = ["format_bytes", "parse_size_bytes"]
+
 _UNITS = {
     "": 1,
     "B": 1,

@@ -16,6 +16,8 @@ from ckpt_core.errors import KeyMismatchError, clip
 from ckpt_core.families.model_config import tie_word_embeddings
 from ckpt_core.families.tp_roles import RoleTable
 
+__all__ = ["Family", "Part", "Prefix"]
+
 
 @dataclass(frozen=True)
 class Part:

@@ -22,6 +22,8 @@ from ckpt_core.families.tp_roles import (
     weight_and_bias,
 )
 
+__all__ = ["FAMILY", "LM_HEAD", "TEXT_ROLES", "VISION_ROLES", "demo_batch", "tiny_model"]
+
 _BLOCK = r"blocks\.\d+\."
 _LAYER = r"layers\.\d+\."
 

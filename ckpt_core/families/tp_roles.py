@@ -25,6 +25,24 @@ import torch
 
 from ckpt_core.errors import FormatError, KeyMismatchError
 
+__all__ = [
+    "COLUMN",
+    "FUSED_GATE_UP",
+    "FUSED_QKV",
+    "Kind",
+    "REPLICATED",
+    "ROW",
+    "Role",
+    "RoleTable",
+    "VOCAB",
+    "merge",
+    "merge_from",
+    "merged_shape",
+    "padded_rows",
+    "shard",
+    "weight_and_bias",
+]
+
 
 class Kind(StrEnum):
     COLUMN = "column"

@@ -16,6 +16,19 @@ from ckpt_core.formats.safetensors_header import Entry, read_elements, read_head
 from ckpt_core.formats.torchzip import LazyTensor, LazyTorchFile, iter_tensors
 from ckpt_core.io.storage import Location, safe_relative
 
+__all__ = [
+    "BIN_INDEX",
+    "BIN_SINGLE",
+    "FORMAT",
+    "HFFormat",
+    "HFReader",
+    "LAYOUTS",
+    "SAFETENSORS_INDEX",
+    "SAFETENSORS_SINGLE",
+    "StoredTensor",
+    "read_weight_map",
+]
+
 SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_SINGLE = "pytorch_model.bin"

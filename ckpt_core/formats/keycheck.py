@@ -18,8 +18,10 @@ from ckpt_core.errors import ConfigError, KeyMismatchError, clip
 from ckpt_core.families.model_config import CONFIG, read_config, transformers_config
 from ckpt_core.io.storage import Location, split_url
 
+__all__ = ["check_keys", "model_config_at", "model_key_groups", "tied_duplicates"]
 
-def load_config(config_dir_or_url: str) -> Any:
+
+def model_config_at(config_dir_or_url: str) -> Any:
     """A transformers config from `config.json` in a directory (or the json file itself), any URL."""
     loc = Location(config_dir_or_url)
     directory, name = (loc, CONFIG) if loc.isdir() else _file(config_dir_or_url)
@@ -86,7 +88,7 @@ def tied_duplicates(
 ) -> dict[str, str]:
     """As `check_keys`, returning {tied name to drop: the name kept for its group}."""
     have = set(names)
-    groups = model_key_groups(load_config(config_dir_or_url))
+    groups = model_key_groups(model_config_at(config_dir_or_url))
     expected = {n for g in groups for n in g}
     missing: list[str] = []
     drop: dict[str, str] = {}

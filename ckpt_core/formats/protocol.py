@@ -13,6 +13,8 @@ from ckpt_core.dtypes import itemsize
 from ckpt_core.errors import UnknownTensorError
 from ckpt_core.io.storage import Location
 
+__all__ = ["Format", "OpenOptions", "Reader", "SourceFacts", "TensorInfo", "lookup"]
+
 
 @dataclass(frozen=True)
 class TensorInfo:

@@ -12,6 +12,16 @@ from ckpt_core.dtypes import flat_buffer, from_safetensors, itemsize, to_safeten
 from ckpt_core.errors import FormatError
 from ckpt_core.io.storage import Location
 
+__all__ = [
+    "Entry",
+    "Header",
+    "MAX_HEADER_BYTES",
+    "build_header",
+    "read_elements",
+    "read_header",
+    "read_tensor",
+]
+
 MAX_HEADER_BYTES = 100_000_000  # the reference reader's limit
 
 

@@ -21,6 +21,17 @@ from ckpt_core.formats.protocol import OpenOptions, Reader, SourceFacts, TensorI
 from ckpt_core.formats.torchzip import LazyTensor, LazyTorchFile, iter_tensors
 from ckpt_core.io.storage import Location, split_url
 
+__all__ = [
+    "FORMAT",
+    "HF_NAMES",
+    "SUFFIXES",
+    "TorchFileFormat",
+    "TorchFileReader",
+    "WRAPPERS",
+    "candidates",
+    "unwrap",
+]
+
 SUFFIXES = (".pth", ".pt", ".bin")
 WRAPPERS = ("model", "module", "state_dict")
 # Names that belong to other formats even when alone in a directory.

@@ -29,6 +29,14 @@ from typing import Any
 from ckpt_core.errors import PublishError
 from ckpt_core.io.storage import Location
 
+__all__ = [
+    "LOCK_SUFFIX",
+    "POLL_SECONDS",
+    "destination_lock",
+    "lock_parent",
+    "stale_seconds_default",
+]
+
 LOCK_SUFFIX = ".ckptflow-lock"
 POLL_SECONDS = 0.2
 

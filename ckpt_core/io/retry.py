@@ -15,6 +15,8 @@ from typing import TypeVar
 
 from ckpt_core.errors import CkptError, StorageRefusedError, StorageUnavailableError
 
+__all__ = ["POLICY", "RetryPolicy", "call", "explain", "is_transient", "set_policy"]
+
 T = TypeVar("T")
 log = logging.getLogger("ckptflow.retry")
 

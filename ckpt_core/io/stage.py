@@ -18,6 +18,8 @@ from ckpt_core.io import retry
 from ckpt_core.io.fingerprint import fingerprint
 from ckpt_core.io.storage import Location
 
+__all__ = ["STAMP", "remote_stamp", "stage_source"]
+
 STAMP = ".ckptflow-staged"  # written last: a staging without it is incomplete
 
 

@@ -23,6 +23,18 @@ from fsspec.implementations.local import LocalFileSystem
 from ckpt_core.errors import FormatError
 from ckpt_core.io import retry
 
+__all__ = [
+    "Location",
+    "PART_SUFFIX",
+    "REMOTE_CHUNK_BYTES",
+    "WRITE_BLOCK_BYTES",
+    "configure",
+    "join_url",
+    "options_for",
+    "safe_relative",
+    "split_url",
+]
+
 WRITE_BLOCK_BYTES = 16 * 2**20
 PART_SUFFIX = ".ckptflow-part"  # a local file being written; renamed to its name when complete
 REMOTE_CHUNK_BYTES = 32 * 2**20  # one ranged GET per chunk when filling a buffer from a store

@@ -10,6 +10,8 @@ from ckpt_core.families import model_config
 from ckpt_core.families.model_config import CONFIG
 from ckpt_core.io.storage import Location
 
+__all__ = ["ASSET_FILES", "AssetSource", "find_assets", "read_config"]
+
 # Config, generation, tokenizer, processor and chat-template files, as transformers saves them.
 ASSET_FILES = (
     CONFIG,

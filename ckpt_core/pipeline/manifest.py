@@ -12,6 +12,8 @@ from ckpt_core.io.fingerprint import fingerprint as listing_fingerprint
 from ckpt_core.io.storage import Location
 from ckpt_core.pipeline.writer import FileRecord
 
+__all__ = ["MANIFEST", "SUCCESS", "build", "fingerprint", "identity", "read_published"]
+
 MANIFEST = "manifest.json"
 SUCCESS = "_SUCCESS"
 

@@ -7,8 +7,11 @@ from dataclasses import dataclass
 
 from huggingface_hub import split_state_dict_into_shards_factory
 
+from ckpt_core.formats.hf import SAFETENSORS_INDEX
+
+__all__ = ["SAFETENSORS_INDEX", "SAFETENSORS_PATTERN", "ShardSpec", "index_json", "plan_shards"]
+
 SAFETENSORS_PATTERN = "model{suffix}.safetensors"
-SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
 @dataclass(frozen=True)

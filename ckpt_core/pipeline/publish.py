@@ -31,6 +31,25 @@ from ckpt_core.io.storage import Location
 from ckpt_core.pipeline.manifest import SUCCESS, read_published
 from ckpt_core.pipeline.writer import FileRecord, hash_file
 
+__all__ = [
+    "BOOKKEEPING",
+    "DONE_DIR",
+    "INCOMPLETE",
+    "STAGING_SUFFIX",
+    "Target",
+    "abandon",
+    "check_destination",
+    "discard",
+    "ensure_unfinished",
+    "finalize",
+    "finished",
+    "prepare",
+    "record_done",
+    "refuse_inside",
+    "resumable",
+    "target_for",
+]
+
 STAGING_SUFFIX = ".ckptflow-staging"
 INCOMPLETE = ".ckptflow-incomplete"  # marks unfinished work; holds the plan identity
 DONE_DIR = ".ckptflow-done"  # one record per finished shard

@@ -17,6 +17,15 @@ from dataclasses import dataclass, field
 from ckpt_core.errors import StorageRefusedError, UsageError
 from ckpt_core.io.storage import Location, join_url
 
+__all__ = [
+    "ENV_VARS",
+    "KNOWN_STAGES",
+    "Resolution",
+    "pretrained_name",
+    "resolve",
+    "resolve_pretrained",
+]
+
 ENV_VARS = ("CKPTFLOW_PRETRAINED_PATH", "MINILLM_PRETRAINED_PATH")
 KNOWN_STAGES = (
     "pretrain",

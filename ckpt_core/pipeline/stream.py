@@ -21,6 +21,17 @@ import torch
 from ckpt_core.dtypes import itemsize
 from ckpt_core.formats.protocol import Reader, TensorInfo
 
+__all__ = [
+    "CHUNK_BYTES",
+    "ChunkBuffers",
+    "PREFETCH_DEPTH",
+    "RangeReader",
+    "chunk_spans",
+    "prefetch",
+    "release_freed_memory",
+    "source_chunks",
+]
+
 CHUNK_BYTES = 8 * 2**20  # big enough for full-speed IO, small enough to keep a few in flight
 PREFETCH_DEPTH = 1  # chunks produced ahead of the consumer
 T = TypeVar("T")

@@ -18,6 +18,8 @@ from ckpt_core.pipeline.plan import ShardSpec
 from ckpt_core.pipeline.stream import ChunkBuffers, prefetch
 from ckpt_core.units import format_bytes
 
+__all__ = ["Report", "ShardCheck", "combine", "identical", "same_bytes", "verify_shard"]
+
 
 @dataclass(frozen=True)
 class ShardCheck:

@@ -9,6 +9,8 @@ from ckpt_core.errors import CkptError
 from ckpt_core.formats.registry import detect
 from ckpt_core.io.storage import Location, join_url
 
+__all__ = ["Pending", "find_pending"]
+
 
 @dataclass(frozen=True)
 class Pending:

@@ -16,6 +16,15 @@ from ckpt_core.formats.safetensors_header import build_header
 from ckpt_core.io.storage import Location
 from ckpt_core.pipeline.stream import prefetch
 
+__all__ = [
+    "FileRecord",
+    "HashingWriter",
+    "SAFETENSORS_METADATA",
+    "hash_file",
+    "write_bytes",
+    "write_safetensors",
+]
+
 SAFETENSORS_METADATA = {"format": "pt"}  # transformers refuses files without it
 
 

@@ -24,6 +24,8 @@ from ckpt_core.families.model_config import TIED_HEAD, head_to_drop, tie_word_em
 from ckpt_core.formats.registry import open_reader
 from ckpt_core.io.storage import Location
 
+__all__ = ["SPLIT_METADATA", "SplitResult", "sha256_file", "split"]
+
 SPLIT_METADATA = "split_metadata.json"
 
 

@@ -29,6 +29,8 @@ from ckpt_core.formats.torchzip import LazyTorchFile, iter_tensors
 from ckpt_core.io.storage import Location
 from ckpt_core.vlm.split import SPLIT_METADATA
 
+__all__ = ["METADATA", "TrainResult", "load_split", "run_train_command", "train"]
+
 METADATA = "metadata.json"
 
 
