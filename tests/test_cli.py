@@ -81,6 +81,18 @@ def test_convert_prints_report(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert main(["convert", str(src), str(tmp_path / "dst"), "--max-shard-size", "200KB"]) == 0
     out = capsys.readouterr().out
     assert "OK: identical to the source" in out and "BF16: 1" in out
+
+
+def test_convert_rerun_prints_nothing_to_do(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    src = tmp_path / "src"
+    src.mkdir()
+    save_file({"w": torch.ones(3)}, str(src / "model.safetensors"), metadata={"format": "pt"})
+    assert main(["convert", str(src), str(tmp_path / "dst"), "--max-shard-size", "200KB"]) == 0
+    capsys.readouterr()
     assert main(["convert", str(src), str(tmp_path / "dst"), "--max-shard-size", "200KB"]) == 0
     assert "nothing to do" in capsys.readouterr().out
 
@@ -100,6 +112,17 @@ def test_resolve_command(
     (remote / "full_sft_512.pth").write_bytes(b"y")
     assert main([*args, "--local-dir", str(local), "--remote-dir", str(remote)]) == 0
     assert capsys.readouterr().out.strip().endswith("remote/full_sft_512.pth")
+
+
+def test_resolve_command_names_what_it_did_not_find(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for var in ("CKPTFLOW_PRETRAINED_PATH", "MINILLM_PRETRAINED_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    local = tmp_path / "out"
+    local.mkdir()
+    (local / "full_sft_512.pth").write_bytes(b"x")
+    args = ["resolve", "--stage", "full_sft", "--hidden-size", "512"]
     assert main([*args, "--path", str(tmp_path / "missing.pth")]) == 2
     assert "missing.pth" in capsys.readouterr().err
     assert main([*args, "--moe", "--local-dir", str(local)]) == 2

@@ -17,8 +17,8 @@ from ckpt_core.errors import PublishError
 from ckpt_core.io.storage import Location
 from ckpt_core.pipeline.convert import ConvertOptions, ConvertResult, convert
 from ckpt_core.pipeline.publish import Target, finalize
+from tests.helpers.cli_runs import finish, start_cli, tree
 from tests.s3server import MotoServer, make_bucket
-from tests.test_resume import finish, start_cli, tree
 
 OPTIONS = ConvertOptions(dtype="fp32", max_shard_bytes=40_000)
 

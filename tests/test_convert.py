@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
+import os
 from pathlib import Path
 
 import pytest
@@ -79,6 +79,13 @@ def test_default_is_bf16_for_floats_and_keeps_integers(tmp_path: Path) -> None:
         assert f.get_tensor("h").dtype == torch.bfloat16
         assert torch.equal(f.get_tensor("ids"), tensors["ids"])
         assert torch.equal(f.get_tensor("w"), tensors["w"].bfloat16())
+
+
+def test_without_a_config_none_is_invented_and_a_note_says_so(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    _save_single(src, {"w": torch.randn(4, 4)})
+    result = convert(str(src), str(tmp_path / "out"))
+    assert result.report is not None
     # No config anywhere: weights, manifest and a warning, no invented config.
     assert not (tmp_path / "out" / "config.json").exists()
     assert any("no config.json" in note for note in result.report.notes)
@@ -137,17 +144,27 @@ def test_assets_from_base_and_no_stale_weights(
     _load(out)
 
 
-def test_rerun_is_noop_different_refused_overwrite_replaces(
-    tiny_hf_dir: Path, tmp_path: Path
-) -> None:
+def test_rerun_is_a_noop(tiny_hf_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     convert(str(tiny_hf_dir), str(out), ConvertOptions(dtype="fp32"))
     stamp = (out / "manifest.json").stat().st_mtime_ns
     again = convert(str(tiny_hf_dir), str(out), ConvertOptions(dtype="fp32"))
     assert "nothing to do" in again.message
     assert (out / "manifest.json").stat().st_mtime_ns == stamp
+
+
+def test_a_different_conversion_over_an_output_is_refused(
+    tiny_hf_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    convert(str(tiny_hf_dir), str(out), ConvertOptions(dtype="fp32"))
     with pytest.raises(PublishError, match="--overwrite"):
         convert(str(tiny_hf_dir), str(out), ConvertOptions(dtype="bf16"))
+
+
+def test_overwrite_replaces_an_output(tiny_hf_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    convert(str(tiny_hf_dir), str(out), ConvertOptions(dtype="fp32"))
     convert(str(tiny_hf_dir), str(out), ConvertOptions(dtype="bf16", overwrite=True))
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["options"]["dtype"] == "bf16"
@@ -210,12 +227,18 @@ def _save_single(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
 
 
+def _restamp(path: Path, mtime_ns: int) -> None:
+    """Sets the modification stamp a rewrite gets, without waiting for the clock to tick."""
+    os.utime(path, ns=(path.stat().st_atime_ns, mtime_ns))
+
+
 def test_a_changed_source_is_read_afresh_in_the_same_process(tmp_path: Path) -> None:
     src = tmp_path / "src"
     _save_single(src, {"a": torch.ones(3)})
     convert(str(src), str(tmp_path / "one"), ConvertOptions(dtype="fp32"))
-    time.sleep(0.01)  # a new modification stamp
+    before = (src / "model.safetensors").stat().st_mtime_ns
     _save_single(src, {"a": torch.full((5,), 2.0), "b": torch.zeros(2)})
+    _restamp(src / "model.safetensors", before + 10**9)  # a new modification stamp
     convert(str(src), str(tmp_path / "two"), ConvertOptions(dtype="fp32"))
     with safe_open(str(tmp_path / "two" / "model.safetensors"), "pt") as f:
         assert sorted(f.keys()) == ["a", "b"]
@@ -229,8 +252,9 @@ def test_a_source_changed_during_conversion_publishes_nothing(tmp_path: Path) ->
     core.start(plan)
     files = [core.write_shard(plan, i) for i in range(len(plan.shards))]
     checks = [core.verify_one(plan, i) for i in range(len(plan.shards))]
-    time.sleep(0.01)
+    before = (src / "model.safetensors").stat().st_mtime_ns
     _save_single(src, {"a": torch.ones(3)})  # the trainer rewrote it, same bytes, new stamp
+    _restamp(src / "model.safetensors", before + 10**9)
     with pytest.raises(VerifyError, match="changed while it was being converted"):
         core.publish(plan, files, core.report(plan, checks, 0))
     assert not out.exists()

@@ -14,6 +14,7 @@ from torch.distributed import checkpoint as dcp
 
 from ckpt_core.errors import FormatError, UnsafeFileError
 from ckpt_core.formats.registry import detect, open_reader
+from ckpt_core.pipeline.convert import ConvertOptions, convert
 from tests.fixtures.fsdp_cache import assert_loads_as_truth, fsdp_fixtures, load_truth
 from tests.fixtures.tiny import build_tiny_qwen2
 
@@ -130,12 +131,11 @@ def test_without_model_key_names_are_kept(tmp_path: Path) -> None:
 
 
 def test_convert_end_to_end_loads_in_transformers(fsdp_fixtures: Path, tmp_path: Path) -> None:
-    convert = pytest.importorskip("ckpt_core.pipeline.convert")
     out = tmp_path / "hf"
-    convert.convert(
+    convert(
         str(fsdp_fixtures / "dcp"),
         str(out),
-        convert.ConvertOptions(dtype="fp32", base=str(fsdp_fixtures / "base")),
+        ConvertOptions(dtype="fp32", base=str(fsdp_fixtures / "base")),
     )
     assert_loads_as_truth(out, load_truth(fsdp_fixtures))
 

@@ -22,6 +22,7 @@ from ckpt_core.formats.deepspeed import DeepSpeedFormat
 from ckpt_core.formats.protocol import OpenOptions, Reader
 from ckpt_core.formats.registry import detect, open_reader
 from ckpt_core.io.storage import Location
+from ckpt_core.pipeline.convert import ConvertOptions, convert
 from tests.fixtures.deepspeed_cache import CASES, REPO, deepspeed_fixtures, overrides_for
 from tests.fixtures.tiny import build_tiny_qwen2
 
@@ -221,7 +222,7 @@ def test_malicious_partition_is_refused(ds_root: Path, tmp_path: Path, victim: s
     assert not marker.exists()
 
 
-def test_tags_and_detection(ds_root: Path, tmp_path: Path) -> None:
+def test_tags_and_detection(ds_root: Path) -> None:
     path = ckpt(ds_root, "stage3")
     assert detect(path).name == "deepspeed"
     fmt = DeepSpeedFormat()
@@ -235,10 +236,17 @@ def test_tags_and_detection(ds_root: Path, tmp_path: Path) -> None:
         open_reader(tag_dir, OpenOptions(tag="global_step2")),
     ):
         assert torch.equal(reader.read("lm_head.weight"), expected)
+
+
+def test_unknown_or_escaping_tag_is_refused(ds_root: Path) -> None:
+    path = ckpt(ds_root, "stage3")
     with pytest.raises(FormatError, match="global_step9"):
         open_reader(path, OpenOptions(tag="global_step9"))
     with pytest.raises(FormatError, match="outside"):
         open_reader(path, OpenOptions(tag="../stage2"))
+
+
+def test_two_tags_without_latest_need_a_tag(ds_root: Path, tmp_path: Path) -> None:
     # Two tags and no `latest`: refuse to guess.
     root, tag = copy_ckpt(ds_root, "stage3", tmp_path)
     shutil.copytree(tag, root / "global_step1")
@@ -279,13 +287,12 @@ def test_reader_never_imports_deepspeed(ds_root: Path) -> None:
     "case", ["stage1", "stage2", "stage3", "stage3_tied", "stage2_aligned_ws3", "stage3_ws3"]
 )
 def test_convert_end_to_end(ds_root: Path, case: str, tmp_path: Path) -> None:
-    convert_module = pytest.importorskip("ckpt_core.pipeline.convert")
     from transformers import Qwen2ForCausalLM
 
     path = ckpt(ds_root, case)
     out = tmp_path / "hf"
-    options = convert_module.ConvertOptions(dtype="fp32", base=str(ds_root / case / "base"))
-    convert_module.convert(path, str(out), options)
+    options = ConvertOptions(dtype="fp32", base=str(ds_root / case / "base"))
+    convert(path, str(out), options)
     loaded: Any = Qwen2ForCausalLM.from_pretrained(str(out), output_loading_info=True)
     model, info = loaded
     assert not info["missing_keys"] and not info["unexpected_keys"], info

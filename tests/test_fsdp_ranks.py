@@ -13,6 +13,7 @@ import torch
 
 from ckpt_core.errors import FormatError, KeyMismatchError, UnsafeFileError
 from ckpt_core.formats.registry import detect, open_reader
+from ckpt_core.pipeline.convert import ConvertOptions, convert
 from tests.fixtures.fsdp_cache import assert_loads_as_truth, fsdp_fixtures, load_truth
 
 __all__ = ["fsdp_fixtures"]
@@ -159,11 +160,10 @@ def test_malicious_rank_file_is_refused(fsdp_fixtures: Path, tmp_path: Path) -> 
 def test_convert_end_to_end_loads_in_transformers(
     fsdp_fixtures: Path, tmp_path: Path, layout: str
 ) -> None:
-    convert = pytest.importorskip("ckpt_core.pipeline.convert")
     out = tmp_path / "hf"
-    convert.convert(
+    convert(
         str(fsdp_fixtures / layout),
         str(out),
-        convert.ConvertOptions(dtype="fp32", base=str(fsdp_fixtures / "base")),
+        ConvertOptions(dtype="fp32", base=str(fsdp_fixtures / "base")),
     )
     assert_loads_as_truth(out, load_truth(fsdp_fixtures))

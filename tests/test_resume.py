@@ -7,11 +7,8 @@ verification under way)."""
 
 from __future__ import annotations
 
-import hashlib
-import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,29 +19,10 @@ from s3fs import S3FileSystem
 from ckpt_core.io.storage import PART_SUFFIX
 from ckpt_core.pipeline.convert import ConvertOptions, convert, plan_conversion
 from ckpt_core.pipeline.publish import DONE_DIR, INCOMPLETE
+from tests.helpers.cli_runs import MAX_SHARD, finish, start_cli, tree
 from tests.s3server import MotoServer, make_bucket, subprocess_env
 
-REPO = Path(__file__).resolve().parents[1]
-MAX_SHARD = 40_000
 OPTIONS = ConvertOptions(dtype="fp32", max_shard_bytes=MAX_SHARD)
-DELAY = "0.04"
-
-
-def tree(path: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(path.rglob("*"))
-        if p.is_file()
-    }
-
-
-def start_cli(
-    src: str, dst: str, env: dict[str, str] | None = None, delay: str = DELAY
-) -> subprocess.Popen[bytes]:
-    args = [sys.executable, "-m", "ckptflow.cli", "convert", src, dst]
-    args += ["--dtype", "fp32", "--max-shard-size", str(MAX_SHARD), "--workers", "1"]
-    env = {**(env or os.environ), "CKPTFLOW_TEST_DELAY_PER_TENSOR_SECONDS": delay}
-    return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def kill_when(process: subprocess.Popen[bytes], ready: Callable[[], bool], what: str) -> None:
@@ -59,12 +37,6 @@ def kill_when(process: subprocess.Popen[bytes], ready: Callable[[], bool], what:
         time.sleep(0.003)
     process.send_signal(signal.SIGKILL)
     process.wait(10)
-
-
-def finish(process: subprocess.Popen[bytes]) -> str:
-    out, err = process.communicate(timeout=120)
-    assert process.returncode == 0, err.decode()
-    return out.decode()
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +122,7 @@ def test_s3_kill_and_resume(
             return 0
 
     etags: dict[str, str] = {}
+    marks: dict[str, dict[str, str]] = {}
     for need in (2, 5):
         process = start_cli(str(tiny_hf_dir), f"s3://{prefix}", env)
         kill_when(process, lambda need=need: records() >= need, f"{need} shards")
@@ -158,9 +131,14 @@ def test_s3_kill_and_resume(
         for path in fs.ls(f"{prefix}/{DONE_DIR}"):
             name = path.rsplit("/", 1)[1].removesuffix(".json")
             etags.setdefault(name, fs.info(f"{prefix}/{name}")["LastModified"])
-    time.sleep(1.1)  # LastModified has one-second resolution
+            if name not in marks:
+                # LastModified has one-second resolution; a tag marks the object now instead:
+                # any upload (PUT or multipart) of it, even of the same bytes, drops its tags.
+                marks[name] = {"finished-by-run": str(need)}
+                fs.put_tags(f"{prefix}/{name}", marks[name])
     finish(start_cli(str(tiny_hf_dir), f"s3://{prefix}", env))
     assert {n: fs.info(f"{prefix}/{n}")["LastModified"] for n in etags} == etags
+    assert {n: fs.get_tags(f"{prefix}/{n}") for n in marks} == marks, "a kept shard was rewritten"
     local = tmp_path / "copy"
     fs.get(f"{prefix}/", str(local), recursive=True)
     assert tree(local) == tree(reference)

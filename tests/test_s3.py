@@ -147,7 +147,10 @@ def test_interrupted_s3_conversion_resumes_without_rewriting(
     stamps = {n: s3.info(f"{prefix}/{n}")["ETag"] for n in written}
     assert len(s3.ls(f"{prefix}/{DONE_DIR}")) == 3
     modified = {n: s3.info(f"{prefix}/{n}")["LastModified"] for n in written}
-    time.sleep(1.1)  # S3 LastModified has one-second resolution
+    # LastModified has one-second resolution; a tag marks the objects now instead: any upload
+    # (PUT or multipart) of an object, even of the same bytes, replaces it without its tags.
+    for n in written:
+        s3.put_tags(f"{prefix}/{n}", {"first-run": n})
 
     monkeypatch.setattr(core, "write_safetensors", real)
     again: list[str] = []
@@ -161,6 +164,9 @@ def test_interrupted_s3_conversion_resumes_without_rewriting(
     assert not set(again) & set(written)
     assert {n: s3.info(f"{prefix}/{n}")["LastModified"] for n in written} == modified
     assert {n: s3.info(f"{prefix}/{n}")["ETag"] for n in written} == stamps
+    assert {n: s3.get_tags(f"{prefix}/{n}") for n in written} == {
+        n: {"first-run": n} for n in written
+    }, "a finished object was uploaded again"
     assert s3.cat(f"{prefix}/manifest.json") == local_manifest
     assert_published_as_manifest_says(prefix)
 

@@ -15,6 +15,7 @@ from ckpt_core.formats.protocol import OpenOptions
 from ckpt_core.formats.registry import detect, open_reader
 from ckpt_core.formats.torch_file import TorchFileFormat
 from ckpt_core.io.storage import Location
+from ckpt_core.pipeline.convert import ConvertOptions, convert
 from tests.fixtures.tiny import build_tiny_qwen2, tiny_qwen2_config
 
 
@@ -62,6 +63,10 @@ def test_strict_keys_against_base(
     assert set(reader.index()) == set(untied)
     assert any("keys checked" in n for n in reader.facts().notes)
 
+
+def test_key_mismatch_against_base_names_both_sides(
+    tmp_path: Path, untied: dict[str, torch.Tensor], config_dir: Path
+) -> None:
     broken = dict(untied)
     del broken["model.norm.weight"]
     broken["model.layers.9.mlp.up_proj.weight"] = torch.zeros(1)
@@ -108,6 +113,11 @@ def test_fp16_tied_stored_twice_minimind_style(tmp_path: Path) -> None:
     assert any("tied" in n and "lm_head.weight" in n for n in reader.facts().notes)
     assert torch.equal(reader.read("model.embed_tokens.weight"), state["model.embed_tokens.weight"])
 
+
+def test_tied_in_config_but_trained_apart_is_refused(tmp_path: Path) -> None:
+    model = build_tiny_qwen2(seed=4, tie_word_embeddings=True)
+    state = {k: v.half() for k, v in model.state_dict().items()}
+    model.config.save_pretrained(tmp_path)
     state["lm_head.weight"] = state["lm_head.weight"] + 1  # "tied" in config but trained apart
     torch.save(state, tmp_path / "full_sft_64.pth")
     with pytest.raises(KeyMismatchError, match="tied in the model config but differ"):
@@ -115,7 +125,6 @@ def test_fp16_tied_stored_twice_minimind_style(tmp_path: Path) -> None:
 
 
 def test_fp16_tied_convert_end_to_end(tmp_path: Path) -> None:
-    convert = pytest.importorskip("ckpt_core.pipeline.convert")
     from transformers import Qwen2ForCausalLM
 
     model = build_tiny_qwen2(seed=4, tie_word_embeddings=True)
@@ -125,7 +134,7 @@ def test_fp16_tied_convert_end_to_end(tmp_path: Path) -> None:
     torch.save(state, src / "pretrain_64.pth")
     model.config.save_pretrained(src)
     out = tmp_path / "hf"
-    convert.convert(str(src), str(out), convert.ConvertOptions(dtype="keep"))
+    convert(str(src), str(out), ConvertOptions(dtype="keep"))
     loaded, info = Qwen2ForCausalLM.from_pretrained(str(out), output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     for name, value in loaded.state_dict().items():

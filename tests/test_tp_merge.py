@@ -39,13 +39,16 @@ def test_fused_qkv_rank_pieces_are_q_k_v_slices_and_merge_back() -> None:
     assert not torch.equal(torch.cat(pieces), full)
 
 
-def test_vocab_padding_is_trimmed_and_row_bias_is_replicated() -> None:
+def test_vocab_padding_is_trimmed() -> None:
     embed = torch.randn(7, 4)
     pieces = [tp_roles.shard("e", embed, tp_roles.VOCAB, r, 4) for r in range(4)]
     assert [p.shape[0] for p in pieces] == [2, 2, 2, 2]
     assert torch.equal(tp_roles.merge("e", tp_roles.VOCAB, pieces, vocab_size=7), embed)
     with pytest.raises(FormatError, match="fewer than"):
         tp_roles.merged_shape("e", tp_roles.VOCAB, [(2, 4)] * 3, vocab_size=7)
+
+
+def test_row_bias_is_replicated_and_row_pieces_merge_on_dim_1() -> None:
     assert TEXT_ROLES.role_of("layers.3.self_attn.o_proj.weight") == tp_roles.ROW
     assert VISION_ROLES.role_of("blocks.0.attn.proj.bias") == tp_roles.REPLICATED
     assert VISION_ROLES.role_of("merger.mlp.0.bias") == tp_roles.COLUMN
