@@ -7,10 +7,6 @@ verification under way)."""
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,24 +15,10 @@ from s3fs import S3FileSystem
 from ckpt_core.io.storage import PART_SUFFIX
 from ckpt_core.pipeline.convert import ConvertOptions, convert, plan_conversion
 from ckpt_core.pipeline.publish import DONE_DIR, INCOMPLETE
-from tests.helpers.cli_runs import MAX_SHARD, finish, start_cli, tree
+from tests.helpers.cli_runs import MAX_SHARD, finish, kill_when, start_cli, tree
 from tests.s3server import MotoServer, make_bucket, subprocess_env
 
 OPTIONS = ConvertOptions(dtype="fp32", max_shard_bytes=MAX_SHARD)
-
-
-def kill_when(process: subprocess.Popen[bytes], ready: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + 60
-    while not ready():
-        if process.poll() is not None:
-            out, err = process.communicate()
-            pytest.fail(f"run ended before {what}: {process.returncode}\n{out!r}\n{err!r}")
-        if time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"never reached {what}")
-        time.sleep(0.003)
-    process.send_signal(signal.SIGKILL)
-    process.wait(10)
 
 
 @pytest.fixture(scope="module")
