@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import torch
 
-from ckpt_core.vlm.split import split
 from ckpt_core.errors import TrainCommandError
+from ckpt_core.vlm.split import split
 from ckpt_core.vlm.tiny_trainer import run_train_command
 from tests.fixtures.tiny_vlm import save_tiny_vlm
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from s3fs import S3FileSystem
 
-from ckpt_core.errors import CkptError, FormatError
+from ckpt_core.errors import CkptError, FormatError, StorageUnavailableError
 from ckpt_core.formats.registry import open_reader
 from ckpt_core.io import retry
 from ckpt_core.io.storage import Location
@@ -295,7 +295,7 @@ def test_transient_errors_are_retried_then_reported() -> None:
     def always() -> None:
         raise OSError(errno.EBUSY, "SlowDown")
 
-    with pytest.raises(retry.StorageUnavailableError, match="kept failing after 8 tries"):
+    with pytest.raises(StorageUnavailableError, match="kept failing after 8 tries"):
         retry.call("s3://b/x", always)
 
 
