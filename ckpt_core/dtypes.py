@@ -1,10 +1,23 @@
-"""dtype names: safetensors header strings, CLI choices, and the cast rule."""
+"""dtype names: safetensors header strings, names on torch, CLI choices, the cast rule."""
 
 from __future__ import annotations
 
 import torch
 
 from ckpt_core.errors import CkptError, FormatError
+
+__all__ = [
+    "DTYPE_TO_SAFETENSORS",
+    "SAFETENSORS_DTYPES",
+    "TARGET_DTYPES",
+    "TORCH_DTYPES",
+    "flat_buffer",
+    "from_safetensors",
+    "itemsize",
+    "output_dtype",
+    "parse_target",
+    "to_safetensors",
+]
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -24,6 +37,12 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "U64": torch.uint64,
 }
 DTYPE_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+# Every torch dtype by its attribute name on `torch`, aliases included (`float`, `half`): a
+# pickle names a dtype as the global torch.<name>.
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    name: value for name, value in vars(torch).items() if isinstance(value, torch.dtype)
+}
 
 # "keep" means each tensor keeps its source dtype.
 TARGET_DTYPES: dict[str, torch.dtype | None] = {

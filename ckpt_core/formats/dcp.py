@@ -1,19 +1,15 @@
 """torch Distributed Checkpoint (DCP) directories: `.metadata` + `__{rank}_{n}.distcp` files.
 
-`.metadata` is a pickled `Metadata`. It is replayed by a restricted unpickler in which every
-DCP class it names is a stand-in that only records its fields (`Recorded`): the real
-dataclasses would most likely be harmless too, but TensorProperties and _StorageInfo run
-their own `__setstate__`, the module layout is private and moves between torch releases, and
-importing torch.distributed.checkpoint costs seconds; a recorder runs no code whatever the
-file says. Each tensor is then assembled chunk by chunk: a chunk is a torch.save blob at
-(relative_path, offset, length) inside a .distcp file, read lazily by `LazyTorchFile` and
-copied into the output at its offsets, so one tensor (plus one chunk) is in memory at a time.
+`.metadata` is a pickled `Metadata`. It is replayed by the allow-listed unpickler with the
+`DCP_METADATA` fragment, in which every DCP class it names is a stand-in that only records
+its fields (`Recorded`, see unpickle.py). Each tensor is then assembled chunk by chunk: a
+chunk is a torch.save blob at (relative_path, offset, length) inside a .distcp file, read
+lazily by `LazyTorchFile` and copied into the output at its offsets, so one tensor (plus one
+chunk) is in memory at a time.
 """
 
 from __future__ import annotations
 
-import io
-import pickle
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -22,106 +18,24 @@ from typing import Any
 import torch
 
 from ckpt_core.dtypes import flat_buffer
-from ckpt_core.errors import FormatError, UnsafeFileError
+from ckpt_core.errors import FormatError
 from ckpt_core.formats.protocol import OpenOptions, Reader, SourceFacts, TensorInfo
 from ckpt_core.formats.torchzip import LazyTensor, LazyTorchFile
+from ckpt_core.formats.unpickle import DCP_CLASSES, DCP_METADATA, Recorded, restricted_load
 from ckpt_core.io.storage import Location, safe_relative
 
+__all__ = [
+    "FORMAT",
+    "METADATA",
+    "Box",
+    "DcpFormat",
+    "DcpReader",
+    "check_cover",
+    "fill_from",
+    "region",
+]
+
 METADATA = ".metadata"
-
-
-class Recorded:
-    """A pickle stand-in: keeps its constructor arguments and pickled state, runs nothing."""
-
-    args: tuple[Any, ...] = ()
-    state: Any = None
-
-    def __init__(self, *args: Any) -> None:
-        self.args = args
-
-    def __setstate__(self, state: Any) -> None:
-        self.state = state
-
-    def field(self, name: str, default: Any = None) -> Any:
-        """A dataclass field from the pickled state (a dict, or (dict, slots) for slotted ones)."""
-        state = self.state
-        if isinstance(state, tuple) and len(state) == 2:
-            merged: dict[str, Any] = {}
-            for part in state:
-                if isinstance(part, dict):
-                    merged.update(part)
-            state = merged
-        if isinstance(state, dict):
-            return state.get(name, default)
-        return default
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(args={self.args!r:.60}, state={self.state!r:.120})"
-
-
-def stand_in(name: str) -> type[Recorded]:
-    """A fresh Recorded subclass named like the class it replaces (for messages and isinstance)."""
-    return type(name, (Recorded,), {})
-
-
-def _path_stand_in(*parts: Any) -> str:
-    # StorageMeta.checkpoint_id is a pathlib path: only its text is of interest.
-    return "/".join(str(p) for p in parts)
-
-
-_DCP = "torch.distributed.checkpoint.metadata"
-_CLASSES = {
-    name: stand_in(name)
-    for name in (
-        "Metadata",
-        "TensorStorageMetadata",
-        "BytesStorageMetadata",
-        "ChunkStorageMetadata",
-        "TensorProperties",
-        "MetadataIndex",
-        "StorageMeta",
-        "_MEM_FORMAT_ENCODING",
-        "_StorageInfo",
-    )
-}
-
-
-def metadata_globals() -> dict[tuple[str, str], Any]:
-    allowed: dict[tuple[str, str], Any] = {
-        (_DCP, name): cls for name, cls in _CLASSES.items() if name != "_StorageInfo"
-    }
-    allowed[("torch.distributed.checkpoint.filesystem", "_StorageInfo")] = _CLASSES["_StorageInfo"]
-    allowed[("torch", "Size")] = tuple
-    allowed[("torch.serialization", "_get_layout")] = str
-    allowed[("collections", "OrderedDict")] = dict
-    for cls in ("PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"):
-        allowed[("pathlib", cls)] = _path_stand_in
-    for name in dir(torch):
-        if isinstance(value := getattr(torch, name, None), torch.dtype):
-            allowed[("torch", name)] = value
-    return allowed
-
-
-def restricted_load(data: bytes, where: str, allowed: Mapping[tuple[str, str], Any]) -> Any:
-    class Restricted(pickle.Unpickler):
-        def find_class(self, module: str, name: str) -> Any:
-            try:
-                return allowed[(module, name)]
-            except KeyError:
-                raise UnsafeFileError(
-                    f"{where}: refused to unpickle global {module}.{name} (not on ckptflow's "
-                    "allow-list for this format; the file may run code when loaded)"
-                ) from None
-
-        def persistent_load(self, pid: Any) -> Any:
-            raise FormatError(f"{where}: unexpected persistent id {pid!r:.80}")
-
-    try:
-        return Restricted(io.BytesIO(data)).load()
-    except (FormatError, UnsafeFileError):
-        raise
-    except Exception as e:
-        raise FormatError(f"{where}: cannot read the pickle ({type(e).__name__}: {e})") from e
 
 
 # -- boxes: which part of a tensor a chunk or a rank piece covers -----------------------------
@@ -199,8 +113,8 @@ class DcpReader:
         self._blobs: dict[tuple[str, int], LazyTensor] = {}
         self._assembled = threading.local()  # read_range's whole tensor, when it needs one
         where = root.file(METADATA)
-        meta = restricted_load(root.read_bytes(METADATA), where, metadata_globals())
-        if not isinstance(meta, _CLASSES["Metadata"]):
+        meta = restricted_load(root.read_bytes(METADATA), where, DCP_METADATA)
+        if not isinstance(meta, DCP_CLASSES["Metadata"]):
             raise FormatError(f"{where}: not a DCP Metadata pickle (found {type(meta).__name__})")
         tensors_md: Mapping[str, Any] = meta.field("state_dict_metadata") or {}
         storage: Mapping[Any, Any] = meta.field("storage_data") or {}
@@ -213,7 +127,7 @@ class DcpReader:
         for fqn, md in tensors_md.items():
             if fqn not in names:
                 continue
-            if not isinstance(md, _CLASSES["TensorStorageMetadata"]):
+            if not isinstance(md, DCP_CLASSES["TensorStorageMetadata"]):
                 skipped_bytes.append(fqn)
                 continue
             entry = self._entry(fqn, names[fqn], md, locations, where)
@@ -234,8 +148,8 @@ class DcpReader:
     ) -> dict[tuple[str, tuple[int, ...]], _Chunk]:
         found: dict[tuple[str, tuple[int, ...]], _Chunk] = {}
         for index, info in storage.items():
-            if not isinstance(index, _CLASSES["MetadataIndex"]) or not isinstance(
-                info, _CLASSES["_StorageInfo"]
+            if not isinstance(index, DCP_CLASSES["MetadataIndex"]) or not isinstance(
+                info, DCP_CLASSES["_StorageInfo"]
             ):
                 raise FormatError(f"{where}: unexpected storage_data entry {index!r:.80}")
             if info.field("transform_descriptors"):

@@ -1,9 +1,10 @@
 """DeepSpeed ZeRO stage 1/2/3 checkpoints, read without DeepSpeed and without loading them.
 
 The fp32 master weights are rebuilt as DeepSpeed's `zero_to_fp32.py` does, but lazily: the
-pickles are replayed by torchzip's allow-listed unpickler (safe stand-ins for DeepSpeed's
-classes, see deepspeed_layout), and each parameter is materialised alone by ranged reads
-of exactly its slice of each rank's flat fp32 group. Adam moments are never read.
+pickles are replayed by the allow-listed unpickler with the `DEEPSPEED` fragment (safe
+stand-ins for DeepSpeed's classes, see unpickle.py), and each parameter is materialised alone
+by ranged reads of exactly its slice of each rank's flat fp32 group. Adam moments are never
+read.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import torch
 from ckpt_core.dtypes import flat_buffer, itemsize
 from ckpt_core.errors import FormatError, clip
 from ckpt_core.formats.deepspeed_layout import (
-    DEEPSPEED_GLOBALS,
     MODEL_RE,
     OPTIM_RE,
     ParamPlan,
@@ -28,11 +28,14 @@ from ckpt_core.formats.deepspeed_layout import (
 )
 from ckpt_core.formats.protocol import OpenOptions, SourceFacts, TensorInfo
 from ckpt_core.formats.torchzip import LazyTensor, LazyTorchFile
+from ckpt_core.formats.unpickle import DEEPSPEED
 from ckpt_core.io.storage import Location, safe_relative
+
+__all__ = ["FORMAT", "DeepSpeedFormat", "DeepSpeedReader"]
 
 
 def _lazy(root: Location, relative: str) -> LazyTorchFile:
-    return LazyTorchFile(root, relative, extra_globals=DEEPSPEED_GLOBALS)
+    return LazyTorchFile(root, relative, extra_globals=DEEPSPEED)
 
 
 def _flat(value: Any, where: str, what: str) -> LazyTensor:

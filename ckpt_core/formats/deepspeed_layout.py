@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO on-disk layout: file names, safe pickle stand-ins, and where each param lives.
+"""DeepSpeed ZeRO on-disk layout: file names, and where each param lives.
 
 Kept apart from the Format/Reader so the arithmetic (which rank holds which elements of
 which parameter) is plain code over ints, mirroring DeepSpeed's `zero_to_fp32.py`.
@@ -12,73 +12,21 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-# -- safe stand-ins for the DeepSpeed classes the pickles name -------------------------------
+from ckpt_core.formats.unpickle import DEEPSPEED
 
+__all__ = [
+    "DEEPSPEED_GLOBALS",
+    "MODEL_RE",
+    "OPTIM_RE",
+    "ParamPlan",
+    "Piece",
+    "natural_key",
+    "zero2_plans",
+    "zero3_plans",
+]
 
-class Record:
-    """Stands in for a pickled DeepSpeed object: keeps its constructor args and state only.
-
-    Pickle builds such objects with `cls.__new__(cls, *args)` then `BUILD(state)`; this class
-    accepts both and runs no code of the original class (which is never imported).
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.args = args
-        self.state: dict[str, Any] = dict(kwargs)
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> Record:
-        obj = super().__new__(cls)
-        obj.args = args
-        obj.state = dict(kwargs)
-        return obj
-
-    def __setstate__(self, state: Any) -> None:
-        # A dataclass/plain object pickles its __dict__ (or a (dict, slots) pair).
-        if isinstance(state, tuple):
-            state = {k: v for part in state if isinstance(part, dict) for k, v in part.items()}
-        self.state = dict(state) if isinstance(state, dict) else {"value": state}
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.args!r}, {self.state!r})"
-
-
-class LossScalerRecord(Record):
-    pass
-
-
-class FragmentAddressRecord(Record):
-    pass
-
-
-class NamespaceRecord(Record):
-    pass
-
-
-class TensorTypeMarker:
-    """Stands in for `torch.Tensor`/`torch.nn.Parameter` as the `new_type` of a rebuild."""
-
-
-def _zero_stage_enum(value: Any) -> int:
-    """`ZeroStageEnum(3)` pickles as a call with its value: keep the int."""
-    return int(value)
-
-
-def _rebuild_from_type_v2(func: Any, _new_type: Any, args: Any, _state: Any) -> Any:
-    # torch pickles tensor subclasses (and plain tensors with python state) this way: the
-    # data comes from `func(*args)`; the subclass and its state do not matter for weights.
-    return func(*args)
-
-
-DEEPSPEED_GLOBALS: Mapping[tuple[str, str], Any] = {
-    ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"): LossScalerRecord,
-    ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"): LossScalerRecord,
-    ("deepspeed.runtime.zero.config", "ZeroStageEnum"): _zero_stage_enum,
-    ("deepspeed.utils.tensor_fragment", "fragment_address"): FragmentAddressRecord,
-    ("argparse", "Namespace"): NamespaceRecord,
-    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
-    ("torch", "Tensor"): TensorTypeMarker,
-    ("torch.nn.parameter", "Parameter"): TensorTypeMarker,
-}
+# The stand-ins for DeepSpeed's pickled classes live in unpickle.py; tests use this name.
+DEEPSPEED_GLOBALS = DEEPSPEED
 
 # -- file names -------------------------------------------------------------------------------
 

@@ -1,10 +1,9 @@
 """FSDP per-rank state dict files: verl `model_world_size_{W}_rank_{r}.pt`, BAGEL `model_rank{r:05d}.pt`.
 
 Each file is `torch.save(model.state_dict())` on one rank; under FSDP2 the values are DTensors.
-The pickles are replayed with stand-ins for exactly the classes a DTensor pickle names (the
-list below comes from real FSDP2 files written by torch 2.13), so nothing runs; each DTensor
-becomes a `DTensorRef` (its placements, mesh coordinate, global shape and a LazyTensor for the
-local piece). A tensor is merged by placement: Shard(d) pieces are placed at their offsets on
+The pickles are replayed with the `DTENSOR` fragment of stand-ins (unpickle.py: exactly the
+classes a DTensor pickle names), so nothing runs; each DTensor becomes a `DTensorRef` (its
+placements, mesh coordinate, global shape and a LazyTensor for the local piece). A tensor is merged by placement: Shard(d) pieces are placed at their offsets on
 dim d (torch.chunk sizes, so an uneven last shard is handled), Replicate pieces must agree.
 Plain tensors are replicated (every rank holds the whole tensor): they are compared, never
 concatenated. Each merged tensor is materialised from its rank pieces by ranged reads.
@@ -21,96 +20,26 @@ from typing import Any
 import torch
 
 from ckpt_core.errors import FormatError, KeyMismatchError, clip
-from ckpt_core.formats.dcp import Box, Recorded, check_cover, fill_from, region, stand_in
+from ckpt_core.formats.dcp import Box, check_cover, fill_from, region
 from ckpt_core.formats.protocol import OpenOptions, Reader, SourceFacts, TensorInfo
 from ckpt_core.formats.torchzip import LazyTensor, LazyTorchFile
+from ckpt_core.formats.unpickle import DTENSOR, DTensorRef, Replicate, Shard, StridedShard
 from ckpt_core.io.storage import Location
+
+__all__ = [
+    "BAGEL",
+    "BAGEL_EMA",
+    "FORMAT",
+    "VERL",
+    "FsdpRanksFormat",
+    "FsdpRanksReader",
+    "check_same_names",
+    "rank_files",
+]
 
 VERL = re.compile(r"^model_world_size_(\d+)_rank_(\d+)\.pt$")
 BAGEL = re.compile(r"^model_rank(\d{5})\.pt$")
 BAGEL_EMA = re.compile(r"^ema_rank(\d{5})\.pt$")
-
-_Shard = stand_in("Shard")
-_StridedShard = stand_in("_StridedShard")
-_Replicate = stand_in("Replicate")
-_Partial = stand_in("Partial")
-_DeviceMesh = stand_in("DeviceMesh")
-_DTensorSpec = stand_in("DTensorSpec")
-
-
-class _DTensorClass:
-    """Stands in for the DTensor class object a pickle passes around; never instantiated."""
-
-
-class _WrapperArgs(Recorded):
-    """What `torch._utils._rebuild_wrapper_subclass(cls, dtype, size, stride, ...)` received."""
-
-
-@dataclass
-class DTensorRef:
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    local: LazyTensor
-    placements: tuple[Recorded, ...]
-    coordinate: tuple[int, ...] | None
-    mesh_shape: tuple[int, ...] | None
-
-
-def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> DTensorRef:
-    if func is not _WrapperArgs or new_type is not _DTensorClass:
-        raise FormatError(f"unexpected tensor subclass rebuild {func!r:.60} -> {new_type!r:.60}")
-    dtype, size = args[1], args[2]
-    if isinstance(state, tuple) and len(state) == 2:
-        state = state[1]
-    if not isinstance(state, dict) or not isinstance(state.get("_local_tensor"), LazyTensor):
-        raise FormatError("a DTensor without a local tensor")
-    spec = state.get("_spec")
-    if not isinstance(spec, _DTensorSpec):
-        raise FormatError("a DTensor without a DTensorSpec")
-    mesh = spec.field("mesh")
-    coordinate = mesh_shape = None
-    if isinstance(mesh, _DeviceMesh):
-        coord = mesh.field("_coordinate_on_dim")
-        coordinate = tuple(int(c) for c in coord) if coord is not None else None
-        layout = mesh.field("_layout")
-        if isinstance(layout, Recorded) and layout.field("axes") is not None:
-            mesh_shape = tuple(_product(axis.field("shape") or ()) for axis in layout.field("axes"))
-    return DTensorRef(
-        dtype=dtype,
-        shape=tuple(int(x) for x in size),
-        local=state["_local_tensor"],
-        placements=tuple(spec.field("placements") or ()),
-        coordinate=coordinate,
-        mesh_shape=mesh_shape,
-    )
-
-
-def _product(values: Sequence[int]) -> int:
-    count = 1
-    for value in values:
-        count *= int(value)
-    return count
-
-
-def dtensor_globals() -> dict[tuple[str, str], Any]:
-    """Exactly the globals FSDP2 DTensor pickles name, each a recorder."""
-    return {
-        ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
-        ("torch._utils", "_rebuild_wrapper_subclass"): _WrapperArgs,
-        ("torch.serialization", "_get_layout"): str,
-        ("torch.distributed.tensor", "DTensor"): _DTensorClass,
-        ("torch.distributed.tensor.api", "DTensor"): _DTensorClass,
-        ("torch.distributed.tensor._dtensor_spec", "DTensorSpec"): _DTensorSpec,
-        ("torch.distributed.tensor._dtensor_spec", "TensorMeta"): stand_in("TensorMeta"),
-        ("torch.distributed.tensor._dtensor_spec", "ShardOrderEntry"): stand_in("ShardOrderEntry"),
-        ("torch.distributed.tensor.placement_types", "Shard"): _Shard,
-        ("torch.distributed.tensor.placement_types", "_StridedShard"): _StridedShard,
-        ("torch.distributed.tensor.placement_types", "Replicate"): _Replicate,
-        ("torch.distributed.tensor.placement_types", "Partial"): _Partial,
-        ("torch.distributed.device_mesh", "DeviceMesh"): _DeviceMesh,
-        ("torch.distributed._mesh_layout", "_MeshLayout"): stand_in("_MeshLayout"),
-        ("torch.distributed._mesh_layout", "_FlatLayout"): stand_in("_FlatLayout"),
-    }
 
 
 @dataclass(frozen=True)
@@ -132,9 +61,9 @@ def _shard_box(name: str, ref: DTensorRef, rank: int, world: int) -> Box | None:
         raise FormatError(f"{name}: cannot tell which mesh position rank {rank} holds")
     sharded = False
     for placement, index, count in zip(ref.placements, coordinate, mesh_shape, strict=True):
-        if isinstance(placement, _Replicate):
+        if isinstance(placement, Replicate):
             continue
-        if isinstance(placement, _Shard) and not isinstance(placement, _StridedShard):
+        if isinstance(placement, Shard) and not isinstance(placement, StridedShard):
             dim = int(placement.field("dim"))
             if dim < 0:
                 dim += len(ref.shape)
@@ -159,24 +88,16 @@ class FsdpRanksReader:
         self._notes = notes
         self._pieces: dict[str, list[_Piece]] = {}
         self._infos: dict[str, TensorInfo] = {}
-        extra = dtensor_globals()
         per_rank: list[dict[str, Any]] = []
         for relative in files:
-            lazy = LazyTorchFile(root, relative, extra_globals=extra)
+            lazy = LazyTorchFile(root, relative, extra_globals=DTENSOR)
             if not isinstance(lazy.obj, Mapping):
                 raise FormatError(
                     f"{lazy.where}: expected a state dict, found {type(lazy.obj).__name__}"
                 )
             per_rank.append(_flatten(lazy.obj))
-        first = per_rank[0]
-        for rank, tensors in enumerate(per_rank[1:], start=1):
-            if set(tensors) != set(first):
-                raise KeyMismatchError(
-                    f"{root.file(files[rank])}: tensor names differ from rank 0's "
-                    f"(only in rank {rank}: {clip(set(tensors) - set(first))}; "
-                    f"missing: {clip(set(first) - set(tensors))})"
-                )
-        for name in first:
+        check_same_names(root, files, per_rank)
+        for name in per_rank[0]:
             self._plan(name, [tensors[name] for tensors in per_rank], world)
 
     def _plan(self, name: str, values: list[Any], world: int) -> None:
@@ -258,6 +179,20 @@ class FsdpRanksReader:
     def asset_dirs(self) -> list[Location]:
         dirs = [self.root.child("huggingface")] if self.root.isdir("huggingface") else []
         return [*dirs, self.root]
+
+
+def check_same_names(
+    root: Location, files: Sequence[str], per_rank: Sequence[Mapping[str, Any]]
+) -> None:
+    """Every rank file holds the tensor names rank 0's does; the error names the file."""
+    first = set(per_rank[0])
+    for rank, tensors in enumerate(per_rank[1:], start=1):
+        if set(tensors) != first:
+            raise KeyMismatchError(
+                f"{root.file(files[rank])}: tensor names differ from rank 0's "
+                f"(only in rank {rank}: {clip(set(tensors) - first)}; "
+                f"missing: {clip(first - set(tensors))})"
+            )
 
 
 def _flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

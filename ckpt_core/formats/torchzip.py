@@ -1,49 +1,34 @@
 """A lazy, safe index of any torch.save (zip) file: no storage is loaded, no code is run.
 
-The pickle in `data.pkl` is replayed by an unpickler that only knows an explicit
-allow-list of globals, each mapped to a harmless stand-in; tensors come out as
-`LazyTensor` references (storage record, dtype, offset, shape, stride) and each is
-materialised later by one ranged read of its bytes. The same works on a torch.save
-blob embedded at an offset in a larger file (DCP's .distcp) and on any fsspec file.
+The pickle in `data.pkl` is replayed by the allow-listed unpickler of `unpickle.py` (the
+`TENSORS` fragment, plus the fragments the format adds); tensors come out as `LazyTensor`
+references (storage record, dtype, offset, shape, stride) and each is materialised later by
+one ranged read of its bytes. The same works on a torch.save blob embedded at an offset in a
+larger file (DCP's .distcp) and on any fsspec file.
 """
 
 from __future__ import annotations
 
-import functools
 import io
 import math
-import pickle
 import struct
 import zipfile
-from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ckpt_core.dtypes import flat_buffer, itemsize
-from ckpt_core.errors import FormatError, UnsafeFileError
+from ckpt_core.errors import FormatError
+from ckpt_core.formats.unpickle import TENSORS, Fragment, StorageRef, TensorRef, restricted_load
 from ckpt_core.io.storage import Location
+
+__all__ = ["LazyTensor", "LazyTorchFile", "iter_tensors"]
 
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")  # zip local file header, 30 bytes
 
 
-@dataclass(frozen=True)
-class StorageType:
-    """Stands in for `torch.FloatStorage` & co. in a pickle: only its dtype matters."""
-
-    dtype: torch.dtype
-
-
-@dataclass(frozen=True)
-class StorageRef:
-    key: str
-    dtype: torch.dtype
-    numel: int
-
-
-class LazyTensor:
+class LazyTensor(TensorRef):
     """A tensor inside a torch.save file, known by where its bytes are."""
 
     def __init__(
@@ -131,35 +116,6 @@ class LazyTensor:
         return f"LazyTensor({self.dtype}, {list(self.shape)}, {self.source.where})"
 
 
-@functools.cache  # built once: scanning dir(torch) per opened file costs ~1.5 ms
-def _storage_types() -> dict[tuple[str, str], Any]:
-    names = {
-        "FloatStorage": torch.float32,
-        "DoubleStorage": torch.float64,
-        "HalfStorage": torch.float16,
-        "BFloat16Storage": torch.bfloat16,
-        "LongStorage": torch.int64,
-        "IntStorage": torch.int32,
-        "ShortStorage": torch.int16,
-        "CharStorage": torch.int8,
-        "ByteStorage": torch.uint8,
-        "BoolStorage": torch.bool,
-        "UntypedStorage": torch.uint8,
-        "Float8_e4m3fnStorage": torch.float8_e4m3fn,
-        "Float8_e5m2Storage": torch.float8_e5m2,
-    }
-    return {("torch", name): StorageType(dtype) for name, dtype in names.items()}
-
-
-@functools.cache
-def _dtype_globals() -> dict[tuple[str, str], Any]:
-    return {
-        ("torch", name): value
-        for name in dir(torch)
-        if isinstance(value := getattr(torch, name, None), torch.dtype)
-    }
-
-
 class LazyTorchFile:
     """One torch.save archive (a whole file, or a blob at [start, start+length) of a file)."""
 
@@ -170,7 +126,7 @@ class LazyTorchFile:
         *,
         start: int = 0,
         length: int | None = None,
-        extra_globals: Mapping[tuple[str, str], Any] | None = None,
+        extra_globals: Fragment | None = None,
     ) -> None:
         self.root = root
         self.relative = relative
@@ -180,10 +136,9 @@ class LazyTorchFile:
         self._records: dict[str, int] = {}  # record name -> data offset in the window
         self._sizes: dict[str, int] = {}
         self._read_directory()
-        self._globals = self._allowed_globals()
-        if extra_globals:
-            self._globals.update(extra_globals)
-        self.obj = self._unpickle()
+        allowed = {**TENSORS, **extra_globals} if extra_globals else TENSORS
+        data = self._record_bytes(self._prefix + "data.pkl")
+        self.obj = restricted_load(data, self.where, allowed, self._tensor)
 
     # -- zip directory -------------------------------------------------------------------
     def _window(self) -> io.BufferedReader:
@@ -237,77 +192,10 @@ class LazyTorchFile:
     def read_into(self, start: int, tensor: torch.Tensor) -> None:
         self.root.read_into(self.relative, start, tensor.view(torch.uint8).numpy().data)
 
-    # -- pickle --------------------------------------------------------------------------
-    def _rebuild_tensor(
-        self, storage: StorageRef, storage_offset: int, size: Any, stride: Any, *_: Any
+    def _tensor(
+        self, storage: StorageRef, offset: int, shape: tuple[int, ...], stride: tuple[int, ...]
     ) -> LazyTensor:
-        if not isinstance(storage, StorageRef):
-            raise FormatError(f"{self.where}: tensor without a storage record")
-        return LazyTensor(self, storage, int(storage_offset), tuple(size), tuple(stride))
-
-    def _rebuild_tensor_v3(
-        self,
-        storage: StorageRef,
-        storage_offset: int,
-        size: Any,
-        stride: Any,
-        requires_grad: Any,
-        hooks: Any,
-        dtype: torch.dtype,
-        *_: Any,
-    ) -> LazyTensor:
-        typed = StorageRef(
-            storage.key, dtype, storage.numel * itemsize(storage.dtype) // itemsize(dtype)
-        )
-        return LazyTensor(self, typed, int(storage_offset), tuple(size), tuple(stride))
-
-    def _allowed_globals(self) -> dict[tuple[str, str], Any]:
-        allowed: dict[tuple[str, str], Any] = {
-            ("collections", "OrderedDict"): OrderedDict,
-            ("torch._utils", "_rebuild_tensor_v2"): self._rebuild_tensor,
-            ("torch._utils", "_rebuild_tensor_v3"): self._rebuild_tensor_v3,
-            ("torch._utils", "_rebuild_parameter"): lambda data, *_: data,
-            ("torch._utils", "_rebuild_parameter_with_state"): lambda data, *_: data,
-            ("torch", "Size"): tuple,
-            ("torch", "device"): str,
-            ("builtins", "set"): set,
-            ("builtins", "frozenset"): frozenset,
-        }
-        allowed.update(_storage_types())
-        allowed.update(_dtype_globals())
-        return allowed
-
-    def _unpickle(self) -> Any:
-        owner = self
-
-        class Restricted(pickle.Unpickler):
-            def find_class(self, module: str, name: str) -> Any:
-                try:
-                    return owner._globals[(module, name)]
-                except KeyError:
-                    raise UnsafeFileError(
-                        f"{owner.where}: refused to unpickle global {module}.{name} "
-                        "(not on ckptflow's allow-list; the file may run code when loaded: "
-                        "do not torch.load it with weights_only=False)"
-                    ) from None
-
-            def persistent_load(self, pid: Any) -> Any:
-                if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-                    raise FormatError(f"{owner.where}: unexpected persistent id {pid!r:.80}")
-                _, storage_type, key, _location, numel = pid
-                if not isinstance(storage_type, StorageType):
-                    raise FormatError(f"{owner.where}: unknown storage type {storage_type!r:.80}")
-                return StorageRef(str(key), storage_type.dtype, int(numel))
-
-        data = self._record_bytes(self._prefix + "data.pkl")
-        try:
-            return Restricted(io.BytesIO(data)).load()
-        except (FormatError, UnsafeFileError):
-            raise
-        except Exception as e:  # a malformed pickle: say which file
-            raise FormatError(
-                f"{self.where}: cannot read data.pkl ({type(e).__name__}: {e})"
-            ) from e
+        return LazyTensor(self, storage, offset, shape, stride)
 
 
 class _Window(io.RawIOBase):

@@ -23,79 +23,29 @@ from ckpt_core.errors import FormatError, KeyMismatchError, clip
 from ckpt_core.families import Family, family_for, load_config
 from ckpt_core.families.tp_roles import Kind, Role, merge_from, merged_shape
 from ckpt_core.formats import hf
+from ckpt_core.formats.fsdp_ranks import check_same_names
 from ckpt_core.formats.protocol import OpenOptions, SourceFacts, TensorInfo
 from ckpt_core.formats.torchzip import LazyTensor, LazyTorchFile, iter_tensors
+from ckpt_core.formats.unpickle import DTENSOR, DTensorRef, Recorded, Replicate, Shard
 from ckpt_core.io.storage import Location
+
+__all__ = ["FORMAT", "METADATA", "TpRanksFormat", "TpRanksReader"]
 
 METADATA = "metadata.json"
 _RANK_FILE = re.compile(r"rank_(\d+)\.pt")
 
 
-# -- DTensor stand-ins: record what the pickle says, construct nothing real ------------------
-class _Record:
-    """Any pickled object we only need to look at (mesh, spec, placements)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.args = args
-
-
-def _record_class(name: str) -> type[_Record]:
-    return type(name, (_Record,), {})
-
-
-@dataclass
-class LocalShard:
-    """A DTensor's local tensor and its placements (Shard(d) / Replicate / ...)."""
-
-    local: LazyTensor
-    placements: tuple[Any, ...]
-
-
-def _rebuild_from_type_v2(func: Any, new_type: Any, args: Any, state: Any) -> Any:
-    if isinstance(state, tuple):  # (__dict__ state, __slots__ state): DTensor uses slots
-        state = {k: v for part in state if isinstance(part, dict) for k, v in part.items()}
-    if isinstance(state, dict) and isinstance(state.get("_local_tensor"), LazyTensor):
-        spec = state.get("_spec")
-        return LocalShard(state["_local_tensor"], tuple(getattr(spec, "placements", ()) or ()))
-    raise FormatError(f"unsupported tensor subclass {new_type!r} in a rank file")
-
-
-_DTENSOR_CLASSES = [
-    ("torch.distributed.tensor", "DTensor"),
-    ("torch.distributed.tensor._api", "DTensor"),
-    ("torch.distributed.tensor._dtensor_spec", "DTensorSpec"),
-    ("torch.distributed.tensor._dtensor_spec", "TensorMeta"),
-    ("torch.distributed.tensor._dtensor_spec", "ShardOrderEntry"),
-    ("torch.distributed.device_mesh", "DeviceMesh"),
-    ("torch.distributed._mesh_layout", "_MeshLayout"),
-    ("torch.distributed._mesh_layout", "_FlatLayout"),
-    ("torch.distributed.tensor.placement_types", "Shard"),
-    ("torch.distributed.tensor.placement_types", "_StridedShard"),
-    ("torch.distributed.tensor.placement_types", "Replicate"),
-    ("torch.distributed.tensor.placement_types", "Partial"),
-]
-DTENSOR_GLOBALS: dict[tuple[str, str], Any] = {
-    key: _record_class(key[1]) for key in _DTENSOR_CLASSES
-} | {
-    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
-    ("torch._utils", "_rebuild_wrapper_subclass"): lambda *args: None,
-    ("torch.serialization", "_get_layout"): str,
-    ("builtins", "tuple"): tuple,
-    ("builtins", "list"): list,
-}
-
-
-def _placement_fits(placements: tuple[Any, ...], role: Role) -> bool:
+def _placement_fits(placements: tuple[Recorded, ...], role: Role) -> bool:
     """A DTensor's own placement must agree with the declared role (if it has one)."""
     if not placements:
         return True
     if len(placements) != 1:
         return False  # 2-D meshes are not a tensor-parallel layout this reader knows
-    kind = type(placements[0]).__name__
-    if kind == "Replicate":
+    kind = type(placements[0])
+    if kind is Replicate:
         return role.kind is Kind.REPLICATED
-    if kind == "Shard":
-        return role.dim is not None and getattr(placements[0], "dim", None) == role.dim
+    if kind is Shard:
+        return role.dim is not None and placements[0].field("dim") == role.dim
     return False
 
 
@@ -159,8 +109,8 @@ class TpRanksReader:
             )
         return [f"{part}/{found[k]}" for k in range(size)]
 
-    def _load_rank(self, relative: str) -> dict[str, LazyTensor | LocalShard]:
-        lazy = LazyTorchFile(self.root, relative, extra_globals=DTENSOR_GLOBALS)
+    def _load_rank(self, relative: str) -> dict[str, LazyTensor | DTensorRef]:
+        lazy = LazyTorchFile(self.root, relative, extra_globals=DTENSOR)
         obj = lazy.obj
         if not isinstance(obj, Mapping) or not isinstance(obj.get("model"), Mapping):
             raise FormatError(f"{lazy.where}: expected {{'model': state_dict}}")
@@ -169,9 +119,9 @@ class TpRanksReader:
             raise FormatError(
                 f"{lazy.where}: tensors outside 'model' under {others}: not a layout this merge knows"
             )
-        pieces: dict[str, LazyTensor | LocalShard] = {}
+        pieces: dict[str, LazyTensor | DTensorRef] = {}
         for key, value in obj["model"].items():
-            if isinstance(value, LazyTensor | LocalShard):
+            if isinstance(value, LazyTensor | DTensorRef):
                 pieces[str(key)] = value
             else:
                 for name, tensor in iter_tensors(value, str(key)):
@@ -183,21 +133,15 @@ class TpRanksReader:
         for part in self.family.parts:
             files = self._rank_files(part.name)
             ranks = [self._load_rank(f) for f in files]
+            check_same_names(self.root, files, ranks)
             names = list(ranks[0])
-            for rank, pieces in enumerate(ranks[1:], start=1):
-                if set(pieces) != set(names):
-                    raise KeyMismatchError(
-                        f"{self.root.file(files[rank])}: tensor names differ from rank 0: "
-                        f"only here: {clip(set(pieces) - set(names))}; "
-                        f"missing here: {clip(set(names) - set(pieces))}"
-                    )
             table = self.family.roles[part.name]
             for local in names:
                 role = table.role_of(local)
                 lazies = []
                 for rank, pieces in enumerate(ranks):
                     piece = pieces[local]
-                    if isinstance(piece, LocalShard):
+                    if isinstance(piece, DTensorRef):
                         if not _placement_fits(piece.placements, role):
                             raise FormatError(
                                 f"{self.root.file(files[rank])}: {local!r} is a DTensor placed "
