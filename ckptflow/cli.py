@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from ckpt_core.errors import CkptError
 
 if TYPE_CHECKING:
-    from ckpt_core.pipeline.convert import ConvertOptions
+    from ckpt_core.pipeline.conversion import ConvertOptions
 
 Handler = Callable[[argparse.Namespace], int]
 # Modules that add subcommands: each has add_parsers(subparsers); a missing one is skipped.
@@ -137,7 +137,7 @@ def run_detect(args: argparse.Namespace) -> int:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from ckpt_core.pipeline.convert import options_from
+    from ckpt_core.pipeline.conversion import options_from
 
     # The flow's parameters and options_from's are the same flat flags, in the same order.
     flags = (args.dtype, args.max_shard_size, args.base, args.overwrite, args.tag,
@@ -174,7 +174,9 @@ def convert_in_process(
         f"{options.dtype}"
     )
     with tqdm(total=2 * plan.total_bytes, unit="B", unit_scale=True, desc="write+verify") as bar:
-        result = core.run_plan(plan, bar.update, workers, wait_seconds)
+        result = core.run_plan(
+            plan, on_bytes=bar.update, workers=workers, wait_seconds=wait_seconds
+        )
     print(result.message)
     if result.report:
         print(result.report.text())

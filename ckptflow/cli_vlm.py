@@ -35,6 +35,10 @@ def add_parsers(subparsers: Any) -> None:
     merge.add_argument("--max-shard-size", default="5GB")
     merge.add_argument("--overwrite", action="store_true")
     merge.add_argument("--workers", type=int, default=2)
+    merge.add_argument(
+        "--wait-for-lock", type=float, metavar="SECONDS",
+        help="wait this long for another run writing the same output (default: fail)",
+    )  # fmt: skip
     merge.set_defaults(handler=run_merge)
 
     pipeline = subparsers.add_parser(
@@ -91,6 +95,7 @@ def run_merge(args: argparse.Namespace) -> int:
         max_shard_bytes=parse_size_bytes(args.max_shard_size),
         overwrite=args.overwrite,
         workers=args.workers,
+        wait_seconds=args.wait_for_lock,
     )
     print(f"{result.message}: {result.tensors} tensors ({result.output_format})")
     return 0

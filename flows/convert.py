@@ -1,5 +1,7 @@
 """The `convert` flow: detect -> plan -> write shards (parallel) -> index and assets -> verify
-(parallel) -> publish -> report artifact. Same steps, same bytes as `ckptflow convert`."""
+(parallel) -> publish -> report artifact. Same steps, same bytes as `ckptflow convert`; the
+run around them (lock, start, keep-or-discard on failure) is the one `ckpt_core.pipeline.run`
+gives every front end."""
 
 from __future__ import annotations
 
@@ -8,8 +10,9 @@ from typing import Any
 from prefect import flow, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from ckpt_core.pipeline.convert import lock, options_from, report, still_needed
-from ckpt_core.pipeline.publish import resumable
+from ckpt_core.pipeline.conversion import options_from
+from ckpt_core.pipeline.convert import report
+from ckpt_core.pipeline.run import conversion_run
 from tasks import convert as steps
 
 
@@ -40,28 +43,19 @@ def convert_flow(
         cache_dir,
     )
     conversion = steps.plan(src, dst, options)
-    if conversion.already_done:
-        print(f"{dst} already holds this conversion: nothing to do")
-        return {"dst": dst, "published": False, "already_done": True}
-    for warning in conversion.warnings:
-        print(f"warning: {warning}")
     # The flow run holds the destination from start to publish; tasks may run anywhere.
-    with lock(conversion):
-        if not still_needed(conversion):
+    with conversion_run(conversion) as needed:
+        if not needed:
             print(f"{dst} already holds this conversion: nothing to do")
             return {"dst": dst, "published": False, "already_done": True}
-        steps.start(conversion)
+        for warning in conversion.warnings:
+            print(f"warning: {warning}")
         numbers = list(range(len(conversion.shards)))
-        try:
-            files = [f.result() for f in steps.write_shard.map(unmapped(conversion), numbers)]
-            files += steps.write_index_and_assets(conversion)
-            checks = [f.result() for f in steps.verify_shard.map(unmapped(conversion), numbers)]
-            verified = report(conversion, checks, len(files) - len(checks))
-            steps.report_artifact(conversion, verified)
-            result = steps.publish(conversion, files, verified)
-        except BaseException as e:
-            # Finished shards stay for a rerun unless the input itself is bad.
-            steps.discard(conversion, resumable(e))
-            raise
+        files = [f.result() for f in steps.write_shard.map(unmapped(conversion), numbers)]
+        files += steps.write_index_and_assets(conversion)
+        checks = [f.result() for f in steps.verify_shard.map(unmapped(conversion), numbers)]
+        verified = report(conversion, checks, len(files) - len(checks))
+        steps.report_artifact(conversion, verified)
+        result = steps.publish(conversion, files, verified)
     print(f"{result.message}\n{verified.text()}")
     return {"dst": dst, "published": True, "tensors": verified.tensors, "files": len(result.files)}

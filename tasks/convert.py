@@ -1,4 +1,5 @@
-"""Thin Prefect tasks over ckpt_core.pipeline.convert: each passes the small plan, never tensors."""
+"""Thin Prefect tasks over ckpt_core.pipeline.convert's steps: each passes the small plan, never
+tensors. The run around them (lock, start, keep-or-discard) is `ckpt_core.pipeline.run`'s."""
 
 from __future__ import annotations
 
@@ -7,45 +8,39 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from ckpt_core.pipeline import convert as core
+from ckpt_core.pipeline.conversion import ConversionPlan, ConvertOptions, ConvertResult
 from ckpt_core.pipeline.verify import Report, ShardCheck
 from ckpt_core.pipeline.writer import FileRecord
 from tasks.common import IO_RETRIES
 
 
 @task(name="plan", cache_policy=NO_CACHE, **IO_RETRIES)
-def plan(src: str, dst: str, options: core.ConvertOptions) -> core.ConversionPlan:
+def plan(src: str, dst: str, options: ConvertOptions) -> ConversionPlan:
     return core.plan_conversion(src, dst, options)
 
 
-@task(name="start", cache_policy=NO_CACHE, **IO_RETRIES)
-def start(conversion: core.ConversionPlan) -> str:
-    return core.start(conversion)
-
-
 @task(name="write-shard", cache_policy=NO_CACHE, **IO_RETRIES)
-def write_shard(conversion: core.ConversionPlan, shard_number: int) -> FileRecord:
+def write_shard(conversion: ConversionPlan, shard_number: int) -> FileRecord:
     return core.write_shard(conversion, shard_number)
 
 
 @task(name="write-index-and-assets", cache_policy=NO_CACHE, **IO_RETRIES)
-def write_index_and_assets(conversion: core.ConversionPlan) -> list[FileRecord]:
+def write_index_and_assets(conversion: ConversionPlan) -> list[FileRecord]:
     return core.write_index(conversion) + core.copy_assets(conversion)
 
 
 @task(name="verify-shard", cache_policy=NO_CACHE, **IO_RETRIES)
-def verify_shard(conversion: core.ConversionPlan, shard_number: int) -> ShardCheck:
+def verify_shard(conversion: ConversionPlan, shard_number: int) -> ShardCheck:
     return core.verify_one(conversion, shard_number)
 
 
 @task(name="publish", cache_policy=NO_CACHE, **IO_RETRIES)
-def publish(
-    conversion: core.ConversionPlan, files: list[FileRecord], report: Report
-) -> core.ConvertResult:
+def publish(conversion: ConversionPlan, files: list[FileRecord], report: Report) -> ConvertResult:
     return core.publish(conversion, files, report)
 
 
 @task(name="report-artifact", cache_policy=NO_CACHE)
-def report_artifact(conversion: core.ConversionPlan, report: Report) -> None:
+def report_artifact(conversion: ConversionPlan, report: Report) -> None:
     """The verification report, on the flow run's Artifacts tab."""
     create_table_artifact(
         key="convert-report",
@@ -57,11 +52,3 @@ def report_artifact(conversion: core.ConversionPlan, report: Report) -> None:
         markdown=f"## ckptflow convert\n\n`{conversion.src_url}` -> `{conversion.target.dst_url}` "
         f"({conversion.format}, {conversion.options.dtype})\n\n{report.markdown()}\n",
     )
-
-
-@task(name="discard", cache_policy=NO_CACHE)
-def discard(conversion: core.ConversionPlan, keep_for_resume: bool = False) -> None:
-    """After a failure; `keep_for_resume`: leave finished shards for a rerun (nothing of them
-    looks complete)."""
-    if not keep_for_resume:
-        core.discard(conversion.target)

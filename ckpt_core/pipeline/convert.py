@@ -1,13 +1,12 @@
 """The convert pipeline as plain steps: plan -> write shards -> index -> assets -> verify -> publish.
 
 Each step takes the small, picklable `ConversionPlan` (URLs and names, never tensors), so the
-CLI runs them in-process and the Prefect flow runs the same functions as tasks.
+CLI runs them in-process and the Prefect flow runs the same functions as tasks. The run
+around them (lock, start, abandon-or-keep on failure) is `ckpt_core.pipeline.run`'s.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import os
 import threading
@@ -15,137 +14,57 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
-from ckpt_core import __version__
 from ckpt_core.dtypes import itemsize, output_dtype, parse_target
 from ckpt_core.errors import FormatError, KeyMismatchError, VerifyError
-from ckpt_core.formats.protocol import OpenOptions, Reader, TensorInfo
+from ckpt_core.families.model_config import tie_word_embeddings
+from ckpt_core.formats.protocol import Reader, TensorInfo
 from ckpt_core.formats.registry import detect, get_format
 from ckpt_core.io import retry
-from ckpt_core.io.lock import destination_lock
 from ckpt_core.io.stage import remote_stamp, stage_source
 from ckpt_core.io.storage import Location
 from ckpt_core.pipeline import manifest
-from ckpt_core.pipeline.assets import AssetSource, find_assets, read_config, tie_word_embeddings
-from ckpt_core.pipeline.plan import SAFETENSORS_INDEX, ShardSpec, index_json, plan_shards
+from ckpt_core.pipeline.assets import find_assets, read_config
+from ckpt_core.pipeline.conversion import ConversionPlan, ConvertOptions, ConvertResult
+from ckpt_core.pipeline.plan import SAFETENSORS_INDEX, index_json, plan_shards
 from ckpt_core.pipeline.publish import (
-    Target,
-    abandon,
     check_destination,
     discard,
     ensure_unfinished,
     finalize,
     finished,
-    prepare,
     record_done,
     refuse_inside,
     target_for,
 )
+from ckpt_core.pipeline.run import conversion_run, start
 from ckpt_core.pipeline.stream import ChunkBuffers, release_freed_memory, source_chunks
 from ckpt_core.pipeline.verify import Report, ShardCheck, combine, verify_shard
 from ckpt_core.pipeline.writer import FileRecord, write_bytes, write_safetensors
-from ckpt_core.units import parse_size_bytes
+
+__all__ = [
+    "ConversionPlan",
+    "ConvertOptions",
+    "ConvertResult",
+    "convert",
+    "copy_assets",
+    "plan_conversion",
+    "publish",
+    "reader_for",
+    "report",
+    "run_plan",
+    "start",
+    "verify_one",
+    "write_and_verify",
+    "write_index",
+    "write_shard",
+]
 
 OnBytes = Callable[[int], None]
 TIED_HEAD = "lm_head.weight"
-
-
-@dataclass(frozen=True)
-class ConvertOptions:
-    dtype: str = "bf16"  # bf16 | fp16 | fp32 | keep
-    max_shard_bytes: int = 5 * 10**9
-    base: str | None = None  # HF model dir to take config/tokenizer from when the source has none
-    overwrite: bool = False
-    open_options: OpenOptions = field(default_factory=OpenOptions)
-    format: str | None = None  # force a format instead of detecting it
-    cache_dir: str | None = None  # stage a remote source here first (else: ranged reads)
-
-    def recorded(self) -> dict[str, Any]:
-        """The options as the manifest records them."""
-        values = asdict(self)
-        values.pop("overwrite")
-        values.pop("cache_dir")  # where a copy is cached does not change the conversion
-        return values
-
-
-def options_from(
-    dtype: str = "bf16",
-    max_shard_size: str = "5GB",
-    base: str | None = None,
-    overwrite: bool = False,
-    tag: str | None = None,
-    exclude_frozen: bool = False,
-    allow_missing: Sequence[str] | None = None,
-    format: str | None = None,
-    cache_dir: str | None = None,
-) -> ConvertOptions:
-    """Options from the CLI's and the flow's flat parameters (sizes parsed here, once)."""
-    return ConvertOptions(
-        dtype=dtype,
-        max_shard_bytes=parse_size_bytes(max_shard_size),
-        base=base,
-        overwrite=overwrite,
-        open_options=OpenOptions(
-            tag=tag,
-            exclude_frozen=exclude_frozen,
-            base=base,
-            allow_missing=tuple(allow_missing or ()),
-        ),
-        format=format,
-        cache_dir=cache_dir,
-    )
-
-
-@dataclass(frozen=True)
-class ConversionPlan:
-    src_url: str  # the source as the user named it (and the manifest records it)
-    format: str
-    options: ConvertOptions
-    target: Target
-    shards: tuple[ShardSpec, ...]
-    dtypes: dict[str, str]  # output name -> output torch dtype name
-    assets: tuple[AssetSource, ...]
-    dropped: tuple[str, ...]
-    source: dict[str, Any]  # url, format, fingerprint, notes: for the manifest
-    warnings: tuple[str, ...]
-    already_done: bool
-    read_url: str = ""  # where readers open it: a --cache-dir copy, else src_url
-
-    @property
-    def reader_url(self) -> str:
-        return self.read_url or self.src_url
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(s.nbytes for s in self.shards)
-
-    @property
-    def tensor_count(self) -> int:
-        return sum(len(s.tensors) for s in self.shards)
-
-    @property
-    def resume_key(self) -> str:
-        """What must be equal for a rerun to keep this plan's finished shards: the source (with
-        its fingerprint), the options, the shard layout and dtypes, the tool version."""
-        same = {
-            "identity": manifest.identity(self.source, self.options.recorded()),
-            "shards": [[s.filename, list(s.tensors)] for s in self.shards],
-            "dtypes": self.dtypes,
-            "version": __version__,
-        }
-        return hashlib.sha256(json.dumps(same, sort_keys=True).encode()).hexdigest()
-
-
-@dataclass(frozen=True)
-class ConvertResult:
-    dst_url: str
-    report: Report | None
-    files: tuple[FileRecord, ...]
-    message: str
 
 
 # Readers opened in this process, by source and its fingerprint: the steps of one conversion
@@ -277,28 +196,6 @@ def _tied_names(
     return set()
 
 
-def start(plan: ConversionPlan) -> str:
-    """A place to write into, keeping a previous attempt's finished shards of the same plan;
-    returns its URL."""
-    return prepare(plan.target, plan.resume_key).url
-
-
-def lock(
-    plan: ConversionPlan, wait_seconds: float | None = None
-) -> contextlib.AbstractContextManager[None]:
-    """Hold the destination for the whole run (start to publish): a second run to the same
-    destination waits up to `wait_seconds` (CKPTFLOW_LOCK_WAIT_SECONDS, default 0) or fails."""
-    if wait_seconds is None:
-        wait_seconds = float(os.environ.get("CKPTFLOW_LOCK_WAIT_SECONDS", "0"))
-    return destination_lock(Location(plan.target.dst_url), wait_seconds)
-
-
-def still_needed(plan: ConversionPlan) -> bool:
-    """Checked again under the lock: another run may have published while this one waited."""
-    identity = manifest.identity(plan.source, plan.options.recorded())
-    return not check_destination(Location(plan.target.dst_url), identity, plan.options.overwrite)
-
-
 # Tests only: slows every tensor so that a test can kill a run at a chosen point.
 _TEST_DELAY_ENV = "CKPTFLOW_TEST_DELAY_PER_TENSOR_SECONDS"
 
@@ -399,47 +296,45 @@ def publish(plan: ConversionPlan, files: Sequence[FileRecord], result: Report) -
     )
 
 
+def write_and_verify(
+    plan: ConversionPlan, *, workers: int = 2, on_bytes: OnBytes | None = None
+) -> tuple[list[FileRecord], list[ShardCheck]]:
+    """In this process: the shards on a thread pool, the index and the assets, then every shard
+    verified on the pool. Returns the files written and the shards' checks."""
+    numbers = range(len(plan.shards))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        files = list(pool.map(lambda i: write_shard(plan, i, on_bytes), numbers))
+        files += write_index(plan) + copy_assets(plan)
+        checks = list(pool.map(lambda i: verify_one(plan, i, on_bytes), numbers))
+    return files, checks
+
+
 def convert(
     src_url: str,
     dst_url: str,
     options: ConvertOptions | None = None,
+    *,
     on_bytes: OnBytes | None = None,
     workers: int = 2,
     wait_seconds: float | None = None,
 ) -> ConvertResult:
     """The whole pipeline in this process; shards are written and verified on a thread pool."""
-    return run_plan(
-        plan_conversion(src_url, dst_url, options or ConvertOptions()),
-        on_bytes,
-        workers,
-        wait_seconds,
-    )
+    plan = plan_conversion(src_url, dst_url, options or ConvertOptions())
+    return run_plan(plan, on_bytes=on_bytes, workers=workers, wait_seconds=wait_seconds)
 
 
 def run_plan(
     plan: ConversionPlan,
+    *,
     on_bytes: OnBytes | None = None,
     workers: int = 2,
     wait_seconds: float | None = None,
 ) -> ConvertResult:
-    dst = plan.target.dst_url
-    nothing = ConvertResult(dst, None, (), f"{dst} already holds this conversion: nothing to do")
-    if plan.already_done:
-        return nothing
-    try:
-        with lock(plan, wait_seconds):
-            if not still_needed(plan):
-                return nothing
-            start(plan)
-            try:
-                with ThreadPoolExecutor(max_workers=workers) as pool:
-                    numbers = range(len(plan.shards))
-                    files = list(pool.map(lambda i: write_shard(plan, i, on_bytes), numbers))
-                    files += write_index(plan) + copy_assets(plan)
-                    checks = list(pool.map(lambda i: verify_one(plan, i, on_bytes), numbers))
-                return publish(plan, files, report(plan, checks, len(files) - len(checks)))
-            except BaseException as e:
-                abandon(plan.target, e)
-                raise
-    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
-        raise retry.explain(e, dst) from e
+    with conversion_run(plan, wait_seconds=wait_seconds) as needed:
+        if not needed:
+            dst = plan.target.dst_url
+            return ConvertResult(
+                dst, None, (), f"{dst} already holds this conversion: nothing to do"
+            )
+        files, checks = write_and_verify(plan, workers=workers, on_bytes=on_bytes)
+        return publish(plan, files, report(plan, checks, len(files) - len(checks)))

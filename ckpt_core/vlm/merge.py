@@ -4,14 +4,15 @@ The `tp-ranks` reader turns the EPOCH_DIR into a lazy index of the full model un
 names the installed transformers saves; the convert pipeline then streams it into sharded
 safetensors (or, with `output_format="bin"`, the old single `pytorch_model.bin`), copies
 config/tokenizer/processor files from the base, verifies every tensor against the reader
-and publishes atomically. `merge_metadata.json` is written into the output before the
-publish, so the manifest covers it. dtype "keep" by default: the round trip is exact.
+and publishes atomically, in the run loop every conversion shares (`pipeline.run`: one
+writer per output, finished shards kept for a rerun). `merge_metadata.json` is written into
+the output before the publish, so the manifest covers it. dtype "keep" by default: the
+round trip is exact.
 """
 
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,8 @@ from ckpt_core.formats.protocol import OpenOptions
 from ckpt_core.formats.torchzip import LazyTorchFile, iter_tensors
 from ckpt_core.io.storage import Location
 from ckpt_core.pipeline import convert as conv
+from ckpt_core.pipeline.conversion import ConversionPlan, ConvertOptions
+from ckpt_core.pipeline.run import conversion_run
 from ckpt_core.pipeline.verify import ShardCheck, identical
 from ckpt_core.pipeline.writer import FileRecord, write_bytes
 from ckpt_core.vlm.split import sha256_file
@@ -52,10 +55,13 @@ def merge(
     max_shard_bytes: int = 5 * 10**9,
     overwrite: bool = False,
     workers: int = 2,
+    wait_seconds: float | None = None,
 ) -> MergeResult:
+    """`wait_seconds`: how long to wait for another run writing `output_url` (default: fail at
+    once naming it); a merge killed halfway keeps its finished shards for the next run."""
     if output_format not in OUTPUT_FORMATS:
         raise CkptError(f"unknown --format {output_format!r}: choose {' or '.join(OUTPUT_FORMATS)}")
-    options = conv.ConvertOptions(
+    options = ConvertOptions(
         dtype=dtype,
         max_shard_bytes=max_shard_bytes,
         base=base_url,
@@ -64,29 +70,21 @@ def merge(
         format="tp-ranks",
     )
     plan = conv.plan_conversion(checkpoint_url, output_url, options)
-    if plan.already_done:
-        return MergeResult(output_url, plan.tensor_count, output_format, "already merged", True)
-    conv.start(plan)
-    try:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            if output_format == "bin":
-                files, checks = _write_bin(plan)
-            else:
-                numbers = range(len(plan.shards))
-                files = list(pool.map(lambda i: conv.write_shard(plan, i), numbers))
-                files += conv.write_index(plan)
-                checks = list(pool.map(lambda i: conv.verify_one(plan, i), numbers))
+    with conversion_run(plan, wait_seconds=wait_seconds) as needed:
+        if not needed:
+            return MergeResult(output_url, plan.tensor_count, output_format, "already merged", True)
+        if output_format == "bin":
+            files, checks = _write_bin(plan)
             files += conv.copy_assets(plan)
-            files.append(_write_metadata(plan, output_format, checkpoint_url, base_url))
+        else:
+            files, checks = conv.write_and_verify(plan, workers=workers)
+        files.append(_write_metadata(plan, output_format, checkpoint_url, base_url))
         report = conv.report(plan, checks, len(files) - len(checks))
         result = conv.publish(plan, files, report)
-    except BaseException:
-        conv.discard(plan.target)
-        raise
     return MergeResult(output_url, plan.tensor_count, output_format, result.message)
 
 
-def _write_bin(plan: conv.ConversionPlan) -> tuple[list[FileRecord], list[ShardCheck]]:
+def _write_bin(plan: ConversionPlan) -> tuple[list[FileRecord], list[ShardCheck]]:
     """The old single-file layout: the whole state dict goes through one torch.save, so this
     path holds the model in memory (the format allows nothing else); safetensors streams."""
     reader = conv.reader_for(plan)
@@ -111,7 +109,7 @@ def _write_bin(plan: conv.ConversionPlan) -> tuple[list[FileRecord], list[ShardC
 
 
 def _write_metadata(
-    plan: conv.ConversionPlan, output_format: str, checkpoint_url: str, base_url: str
+    plan: ConversionPlan, output_format: str, checkpoint_url: str, base_url: str
 ) -> FileRecord:
     import transformers
 

@@ -1,0 +1,127 @@
+"""What a conversion is, as small picklable values: the options (`ConvertOptions`, sizes in
+bytes; `options_from` the flat flags of the CLI and the flow), the plan every step takes
+(`ConversionPlan`: URLs and names, never tensors) and the result."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ckpt_core import __version__
+from ckpt_core.formats.protocol import OpenOptions
+from ckpt_core.pipeline import manifest
+from ckpt_core.pipeline.assets import AssetSource
+from ckpt_core.pipeline.plan import ShardSpec
+from ckpt_core.pipeline.publish import Target
+from ckpt_core.pipeline.verify import Report
+from ckpt_core.pipeline.writer import FileRecord
+from ckpt_core.units import parse_size_bytes
+
+__all__ = [
+    "ConversionPlan",
+    "ConvertOptions",
+    "ConvertResult",
+    "options_from",
+]
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    dtype: str = "bf16"  # bf16 | fp16 | fp32 | keep
+    max_shard_bytes: int = 5 * 10**9
+    base: str | None = None  # HF model dir to take config/tokenizer from when the source has none
+    overwrite: bool = False
+    open_options: OpenOptions = field(default_factory=OpenOptions)
+    format: str | None = None  # force a format instead of detecting it
+    cache_dir: str | None = None  # stage a remote source here first (else: ranged reads)
+
+    def recorded(self) -> dict[str, Any]:
+        """The options as the manifest records them."""
+        values = asdict(self)
+        values.pop("overwrite")
+        values.pop("cache_dir")  # where a copy is cached does not change the conversion
+        return values
+
+
+def options_from(
+    dtype: str = "bf16",
+    max_shard_size: str = "5GB",
+    base: str | None = None,
+    overwrite: bool = False,
+    tag: str | None = None,
+    exclude_frozen: bool = False,
+    allow_missing: Sequence[str] | None = None,
+    format: str | None = None,
+    cache_dir: str | None = None,
+) -> ConvertOptions:
+    """Options from the CLI's and the flow's flat parameters (sizes parsed here, once)."""
+    return ConvertOptions(
+        dtype=dtype,
+        max_shard_bytes=parse_size_bytes(max_shard_size),
+        base=base,
+        overwrite=overwrite,
+        open_options=OpenOptions(
+            tag=tag,
+            exclude_frozen=exclude_frozen,
+            base=base,
+            allow_missing=tuple(allow_missing or ()),
+        ),
+        format=format,
+        cache_dir=cache_dir,
+    )
+
+
+@dataclass(frozen=True)
+class ConversionPlan:
+    src_url: str  # the source as the user named it (and the manifest records it)
+    format: str
+    options: ConvertOptions
+    target: Target
+    shards: tuple[ShardSpec, ...]
+    dtypes: dict[str, str]  # output name -> output torch dtype name
+    assets: tuple[AssetSource, ...]
+    dropped: tuple[str, ...]
+    source: dict[str, Any]  # url, format, fingerprint, notes: for the manifest
+    warnings: tuple[str, ...]
+    already_done: bool
+    read_url: str = ""  # where readers open it: a --cache-dir copy, else src_url
+
+    @property
+    def reader_url(self) -> str:
+        return self.read_url or self.src_url
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.nbytes for s in self.shards)
+
+    @property
+    def tensor_count(self) -> int:
+        return sum(len(s.tensors) for s in self.shards)
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """What makes a published output this very conversion (source and options)."""
+        return manifest.identity(self.source, self.options.recorded())
+
+    @property
+    def resume_key(self) -> str:
+        """What must be equal for a rerun to keep this plan's finished shards: the source (with
+        its fingerprint), the options, the shard layout and dtypes, the tool version."""
+        same = {
+            "identity": self.identity,
+            "shards": [[s.filename, list(s.tensors)] for s in self.shards],
+            "dtypes": self.dtypes,
+            "version": __version__,
+        }
+        return hashlib.sha256(json.dumps(same, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    dst_url: str
+    report: Report | None
+    files: tuple[FileRecord, ...]
+    message: str
