@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ckpt_core.errors import KeyMismatchError, clip
-from ckpt_core.families.model_config import tie_word_embeddings
 from ckpt_core.families.tp_roles import RoleTable
 
 __all__ = ["Family", "Part", "Prefix"]
@@ -99,9 +98,6 @@ class Family:
         from transformers import CONFIG_MAPPING
 
         return CONFIG_MAPPING[self.model_type].from_dict(dict(config))
-
-    def tied(self, config: Mapping[str, Any]) -> bool:  # TODO(layout): callers use model_config
-        return tie_word_embeddings(config)
 
     def vocab_size(self, config: Mapping[str, Any]) -> int:
         """Rows of the embedding and lm_head: the text config's vocab_size."""

@@ -19,7 +19,7 @@ import torch
 
 from ckpt_core.dtypes import flat_buffer
 from ckpt_core.errors import FormatError
-from ckpt_core.formats.protocol import OpenOptions, Reader, SourceFacts, TensorInfo
+from ckpt_core.formats.protocol import OpenOptions, Reader, SourceFacts, TensorInfo, lookup
 from ckpt_core.formats.torchzip import LazyTensor, LazyTorchFile
 from ckpt_core.formats.unpickle import DCP_CLASSES, DCP_METADATA, Recorded, restricted_load
 from ckpt_core.io.storage import Location, safe_relative
@@ -223,10 +223,7 @@ class DcpReader:
         return {name: entry.info for name, entry in self._entries.items()}
 
     def read(self, name: str) -> torch.Tensor:
-        try:
-            entry = self._entries[name]
-        except KeyError:
-            raise KeyError(f"{self.root.url}: no tensor {name!r} in the DCP checkpoint") from None
+        entry = lookup(self._entries, name, self.root.url)
         out = torch.empty(entry.info.shape, dtype=entry.info.dtype)
         for chunk in entry.chunks:
             fill_from(out[region(chunk.box)], self._chunk_tensor(entry, chunk))
@@ -239,7 +236,7 @@ class DcpReader:
         rows (FSDP's Shard(0), and any unsharded tensor) each is a run of the flat tensor, read
         by byte range; otherwise the tensor is assembled whole once per thread, kept for the
         next range of the same tensor, and sliced."""
-        entry = self._entries[name]
+        entry = lookup(self._entries, name, self.root.url)
         if start < 0 or count < 0 or start + count > entry.info.numel:
             raise IndexError(f"{name}: elements [{start}, {start + count}) of {entry.info.numel}")
         out = flat_buffer(out, count, entry.info.dtype)

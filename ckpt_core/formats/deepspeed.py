@@ -26,10 +26,10 @@ from ckpt_core.formats.deepspeed_layout import (
     zero2_plans,
     zero3_plans,
 )
-from ckpt_core.formats.protocol import OpenOptions, SourceFacts, TensorInfo
+from ckpt_core.formats.protocol import OpenOptions, SourceFacts, TensorInfo, lookup
 from ckpt_core.formats.torchzip import LazyTensor, LazyTorchFile
 from ckpt_core.formats.unpickle import DEEPSPEED
-from ckpt_core.io.storage import Location, safe_relative
+from ckpt_core.io.storage import Location, safe_relative, split_url
 
 __all__ = ["FORMAT", "DeepSpeedFormat", "DeepSpeedReader"]
 
@@ -276,10 +276,7 @@ class DeepSpeedReader:
         return {name: entry.info for name, entry in self._entries.items()}
 
     def _entry(self, name: str) -> _Entry:
-        try:
-            return self._entries[name]
-        except KeyError:
-            raise KeyError(f"{self._where}: no tensor named {name!r}") from None
+        return lookup(self._entries, name, self._where)
 
     def _segments(self, name: str, entry: _Entry) -> list[tuple[LazyTensor, int, int]]:
         """The tensor's elements in C order as (flat source, first element, count) runs."""
@@ -335,7 +332,7 @@ class DeepSpeedReader:
         return SourceFacts("deepspeed", list(self._files), list(self._notes))
 
     def asset_dirs(self) -> list[Location]:
-        dirs = [self.root, Location(_parent_url(self.root.url))]
+        dirs = [self.root, Location(split_url(self.root.url)[0])]
         if self._tag_dir:
             dirs.insert(0, self.root.child(self._tag_dir))
         return dirs
@@ -347,12 +344,6 @@ def _read_elements(flat: LazyTensor, start: int, out: torch.Tensor) -> None:
         raise FormatError(f"{flat.source.where}: read past the end of storage {flat.storage.key}")
     offset = flat.source.record_offset(flat.storage.key)
     flat.source.read_into(offset + (flat.storage_offset + start) * itemsize(flat.dtype), out)
-
-
-def _parent_url(url: str) -> str:
-    stripped = url.rstrip("/")
-    head, _, _ = stripped.rpartition("/")
-    return head if head and not head.endswith(":/") else stripped
 
 
 class DeepSpeedFormat:

@@ -21,7 +21,7 @@ import torch
 
 from ckpt_core.errors import FormatError, KeyMismatchError, clip
 from ckpt_core.formats.dcp import Box, check_cover, fill_from, region
-from ckpt_core.formats.protocol import OpenOptions, Reader, SourceFacts, TensorInfo
+from ckpt_core.formats.protocol import OpenOptions, Reader, SourceFacts, TensorInfo, lookup
 from ckpt_core.formats.torchzip import LazyTensor, LazyTorchFile
 from ckpt_core.formats.unpickle import DTENSOR, DTensorRef, Replicate, Shard, StridedShard
 from ckpt_core.io.storage import Location
@@ -142,10 +142,7 @@ class FsdpRanksReader:
         return dict(self._infos)
 
     def read(self, name: str) -> torch.Tensor:
-        try:
-            info, pieces = self._infos[name], self._pieces[name]
-        except KeyError:
-            raise KeyError(f"{self.root.url}: no tensor {name!r} in the rank files") from None
+        info, pieces = lookup(self._infos, name, self.root.url), self._pieces[name]
         out = torch.empty(info.shape, dtype=info.dtype)
         whole: torch.Tensor | None = None  # a replicated value, to compare the other ranks with
         filled: set[Box] = set()

@@ -21,10 +21,11 @@ import torch
 
 from ckpt_core.errors import FormatError, KeyMismatchError, clip
 from ckpt_core.families import Family, family_for, load_config
+from ckpt_core.families.model_config import CONFIG, TIED_HEAD, head_to_drop, tie_word_embeddings
 from ckpt_core.families.tp_roles import Kind, Role, merge_from, merged_shape
 from ckpt_core.formats import hf
 from ckpt_core.formats.fsdp_ranks import check_same_names
-from ckpt_core.formats.protocol import OpenOptions, SourceFacts, TensorInfo
+from ckpt_core.formats.protocol import OpenOptions, SourceFacts, TensorInfo, lookup
 from ckpt_core.formats.torchzip import LazyTensor, LazyTorchFile, iter_tensors
 from ckpt_core.formats.unpickle import DTENSOR, DTensorRef, Recorded, Replicate, Shard
 from ckpt_core.io.storage import Location
@@ -65,7 +66,7 @@ class TpRanksReader:
         self.config = load_config(config_dir)
         self.family: Family = family_for(self.config, config_dir.file("config.json"))
         self.vocab_size = self.family.vocab_size(self.config)
-        self.tied = self.family.tied(self.config)
+        self.tied = tie_word_embeddings(self.config, config_dir.file(CONFIG))
         self.layout = self.family.saved_layout()
         self.sizes = self._parallel_sizes(options.parallel_size)
         self.notes: list[str] = [f"key layout written: {self.layout}"]
@@ -152,22 +153,18 @@ class TpRanksReader:
                     lazies.append(piece)
                 if len({p.dtype for p in lazies}) != 1:
                     raise FormatError(f"{part.name} {local!r}: ranks hold different dtypes")
-                if part.name == "text" and local == "lm_head.weight" and self.tied:
-                    self.notes.append("lm_head.weight dropped: the config ties it to embed_tokens")
-                    continue
-                name = self.family.to_hf(part.name, local, self.layout)
-                entries[name] = _Entry(part.name, local, role, lazies)
+                entries[self.family.to_hf(part.name, local, self.layout)] = _Entry(
+                    part.name, local, role, lazies
+                )
+        head = self.family.to_hf("text", TIED_HEAD, self.layout)
+        if head_to_drop(entries, tied=self.tied, where=self.root.path, head=head):
+            self.notes.append("lm_head.weight dropped: the config ties it to embed_tokens")
+            del entries[head]
         self._check_keys(entries, options)
         return entries
 
     def _check_keys(self, entries: Mapping[str, _Entry], options: OpenOptions) -> None:
         """Strict: the merged names must be the base model's names (in the saved layout)."""
-        lm_head = self.family.to_hf("text", "lm_head.weight", self.layout)
-        if not self.tied and lm_head not in entries:
-            raise KeyMismatchError(
-                f"{self.root.path}: the config has untied embeddings but no rank file holds "
-                "lm_head.weight: the trained output head would be lost"
-            )
         if self.base is None or not self._base_has_weights():
             return
         base = hf.FORMAT.open(self.base, OpenOptions())
@@ -177,7 +174,7 @@ class TpRanksReader:
             self.family.to_hf(*self.family.to_part(n, layout), self.layout) for n in base_names
         }
         if self.tied:
-            expected.discard(lm_head)
+            expected.discard(self.family.to_hf("text", TIED_HEAD, self.layout))
         allowed = options.allow_missing
         missing = {
             n for n in expected - set(entries) if not any(fnmatch.fnmatch(n, p) for p in allowed)
@@ -192,16 +189,8 @@ class TpRanksReader:
 
     def _base_has_weights(self) -> bool:
         assert self.base is not None
-        names = set(self.base.listdir())
-        return bool(
-            names
-            & {
-                "model.safetensors",
-                "model.safetensors.index.json",
-                "pytorch_model.bin",
-                "pytorch_model.bin.index.json",
-            }
-        )
+        weights = {hf.SAFETENSORS_SINGLE, hf.SAFETENSORS_INDEX, hf.BIN_SINGLE, hf.BIN_INDEX}
+        return bool(weights & set(self.base.listdir()))
 
     # -- Reader --------------------------------------------------------------------------
     def index(self) -> Mapping[str, TensorInfo]:
@@ -217,9 +206,7 @@ class TpRanksReader:
         }
 
     def read(self, name: str) -> torch.Tensor:
-        entry = self._entries.get(name)
-        if entry is None:
-            raise KeyMismatchError(f"{self.root.path}: no tensor {name!r}")
+        entry = lookup(self._entries, name, self.root.path)
         return merge_from(
             f"{entry.part} {entry.local}",
             entry.role,
