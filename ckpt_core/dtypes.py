@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
-from ckpt_core.errors import CkptError, FormatError
+from ckpt_core.errors import FormatError, UsageError
 
 __all__ = [
     "DTYPE_TO_SAFETENSORS",
     "SAFETENSORS_DTYPES",
     "TARGET_DTYPES",
+    "TargetDtype",
     "TORCH_DTYPES",
     "flat_buffer",
     "from_safetensors",
@@ -44,7 +47,8 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
     name: value for name, value in vars(torch).items() if isinstance(value, torch.dtype)
 }
 
-# "keep" means each tensor keeps its source dtype.
+# What `--dtype` accepts: a cast for floating-point tensors, or "keep" (each its stored dtype).
+TargetDtype = Literal["bf16", "fp16", "fp32", "keep"]
 TARGET_DTYPES: dict[str, torch.dtype | None] = {
     "bf16": torch.bfloat16,
     "fp16": torch.float16,
@@ -64,14 +68,14 @@ def to_safetensors(dtype: torch.dtype) -> str:
     try:
         return DTYPE_TO_SAFETENSORS[dtype]
     except KeyError:
-        raise CkptError(f"dtype {dtype} cannot be stored in safetensors") from None
+        raise FormatError(f"dtype {dtype} cannot be stored in safetensors") from None
 
 
 def parse_target(name: str) -> torch.dtype | None:
     try:
         return TARGET_DTYPES[name]
     except KeyError:
-        raise CkptError(
+        raise UsageError(
             f"unknown --dtype {name!r}: choose one of {', '.join(TARGET_DTYPES)}"
         ) from None
 

@@ -48,3 +48,11 @@ def test_plan_single_shard_has_no_index() -> None:
     shards = plan_shards(["a", "b"], lambda _: 10, max_shard_bytes=100)
     assert [s.filename for s in shards] == ["model.safetensors"]
     assert index_json(shards) is None
+
+
+def test_the_dtype_literal_names_exactly_the_accepted_dtypes() -> None:
+    from typing import get_args
+
+    from ckpt_core.dtypes import TARGET_DTYPES, TargetDtype
+
+    assert set(get_args(TargetDtype)) == set(TARGET_DTYPES)
