@@ -137,23 +137,32 @@ def run_detect(args: argparse.Namespace) -> int:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from ckpt_core.pipeline.conversion import options_from
+    from dataclasses import fields
 
-    # The flow's parameters and options_from's are the same flat flags, in the same order.
-    flags = (args.dtype, args.max_shard_size, args.base, args.overwrite, args.tag,
-             args.exclude_frozen, args.allow_missing, args.format, args.cache_dir)  # fmt: skip
+    from ckpt_core.pipeline.conversion import ConvertFlags, options_from
+
+    # The flow's parameters and options_from's are the same flags, passed by name.
+    flags = {f.name: getattr(args, f.name) for f in fields(ConvertFlags)}
     if args.prefect:
-        from flows.convert import convert_flow
+        from flows.convert import convert_flow_with
 
-        outcome = convert_flow(args.src, args.dst, *flags)
+        run = convert_flow_with(args.workers)
+        outcome = run(args.src, args.dst, **flags, wait_seconds=args.wait_for_lock)
         print(json.dumps(outcome))
         return 0
-    options = options_from(*flags)
-    return convert_in_process(args.src, args.dst, options, args.workers, args.wait_for_lock)
+    options = options_from(**flags)
+    return convert_in_process(
+        args.src, args.dst, options, workers=args.workers, wait_seconds=args.wait_for_lock
+    )
 
 
 def convert_in_process(
-    src: str, dst: str, options: ConvertOptions, workers: int, wait_seconds: float | None = None
+    src: str,
+    dst: str,
+    options: ConvertOptions,
+    *,
+    workers: int = 2,
+    wait_seconds: float | None = None,
 ) -> int:
     from tqdm import tqdm
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow, unmapped
+from prefect import Flow, flow, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from ckpt_core.pipeline.conversion import options_from
+from ckpt_core.pipeline.conversion import ConvertFlags
 from ckpt_core.pipeline.convert import report
 from ckpt_core.pipeline.run import conversion_run
 from tasks import convert as steps
@@ -20,6 +20,7 @@ from tasks import convert as steps
 def convert_flow(
     src: str,
     dst: str,
+    *,
     dtype: str = "bf16",
     max_shard_size: str = "5GB",
     base: str | None = None,
@@ -29,22 +30,25 @@ def convert_flow(
     allow_missing: list[str] | None = None,
     format: str | None = None,
     cache_dir: str | None = None,
+    wait_seconds: float | None = None,
 ) -> dict[str, Any]:
-    """Convert the checkpoint at `src` (any fsspec URL) into a HF directory at `dst`."""
-    options = options_from(
-        dtype,
-        max_shard_size,
-        base,
-        overwrite,
-        tag,
-        exclude_frozen,
-        allow_missing,
-        format,
-        cache_dir,
+    """Convert the checkpoint at `src` (any fsspec URL) into a HF directory at `dst`; the
+    options are `ckptflow convert`'s flags. `wait_seconds`: how long to wait for another run
+    writing `dst` (default CKPTFLOW_LOCK_WAIT_SECONDS, else fail at once naming it)."""
+    flags = ConvertFlags(
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        base=base,
+        overwrite=overwrite,
+        tag=tag,
+        exclude_frozen=exclude_frozen,
+        allow_missing=allow_missing,
+        format=format,
+        cache_dir=cache_dir,
     )
-    conversion = steps.plan(src, dst, options)
+    conversion = steps.plan(src, dst, flags.options())
     # The flow run holds the destination from start to publish; tasks may run anywhere.
-    with conversion_run(conversion) as needed:
+    with conversion_run(conversion, wait_seconds=wait_seconds) as needed:
         if not needed:
             print(f"{dst} already holds this conversion: nothing to do")
             return {"dst": dst, "published": False, "already_done": True}
@@ -59,3 +63,10 @@ def convert_flow(
         result = steps.publish(conversion, files, verified)
     print(f"{result.message}\n{verified.text()}")
     return {"dst": dst, "published": True, "tensors": verified.tensors, "files": len(result.files)}
+
+
+def convert_flow_with(workers: int) -> Flow[..., dict[str, Any]]:
+    """The flow with `workers` task threads writing and verifying shards (`ckptflow convert
+    --prefect --workers N`); for many machines, swap in prefect-dask's DaskTaskRunner."""
+    runner = ThreadPoolTaskRunner(max_workers=workers)  # type: ignore[var-annotated]
+    return convert_flow.with_options(task_runner=runner)  # type: ignore[arg-type]

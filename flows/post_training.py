@@ -19,6 +19,7 @@ from tasks import vlm as steps
 def post_training(
     model: str,
     work_dir: str,
+    *,
     train_command: str | None = None,
     parallel_size: int = 2,
     steps_per_rank: int = 2,
@@ -32,14 +33,20 @@ def post_training(
     split_dir = join_url(work_dir, "split")
     train_dir = join_url(work_dir, "train")
     merged_dir = join_url(work_dir, "merged")
-    split = steps.split(model, split_dir, overwrite)
+    split = steps.split(model, split_dir, overwrite=overwrite)
     print(f"split {model} -> {split_dir}: {split['counts']} tensors (layout {split['layout']})")
     train = steps.train.with_options(
         retries=train_retries, retry_delay_seconds=train_retry_delay_seconds
     )
-    trained = train(split_dir, train_dir, parallel_size, train_command, steps_per_rank)
+    trained = train(
+        split_dir,
+        train_dir,
+        parallel_size=parallel_size,
+        command=train_command,
+        steps=steps_per_rank,
+    )
     merged = steps.merge(
-        train_dir, merged_dir, model, None, output_format, dtype, overwrite=overwrite
+        train_dir, merged_dir, model, output_format=output_format, dtype=dtype, overwrite=overwrite
     )
     print(f"merge: {merged['message']}")
     tested = steps.test(merged_dir, model)

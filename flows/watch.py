@@ -22,10 +22,11 @@ def pending_checkpoints(root: str, out_root: str) -> list[Pending]:
 def watch_flow(
     root: str,
     out_root: str,
+    *,
+    max_conversions: int = 4,
     dtype: str = "bf16",
     max_shard_size: str = "5GB",
     base: str | None = None,
-    max_conversions: int = 4,
 ) -> dict[str, Any]:
     """Convert what is new under `root`; at most `max_conversions` per run (the next run goes on)."""
     found = pending_checkpoints(root, out_root)
@@ -35,7 +36,9 @@ def watch_flow(
     failed: list[str] = []
     for item in todo:
         try:
-            results[item.src] = convert_flow(item.src, item.dst, dtype, max_shard_size, base)
+            results[item.src] = convert_flow(
+                item.src, item.dst, dtype=dtype, max_shard_size=max_shard_size, base=base
+            )
         except Exception as e:  # one bad checkpoint must not stop the others
             print(f"failed: {item.src}: {e}")
             failed.append(item.src)

@@ -20,7 +20,7 @@ TRAIN_RETRIES: dict[str, Any] = {"retries": 2, "retry_delay_seconds": 5}
 
 
 @task(name="split", cache_policy=NO_CACHE, **IO_RETRIES)
-def split(model: str, split_dir: str, overwrite: bool = False) -> dict[str, Any]:
+def split(model: str, split_dir: str, *, overwrite: bool = False) -> dict[str, Any]:
     return asdict(vlm_split.split(model, split_dir, overwrite=overwrite))
 
 
@@ -28,6 +28,7 @@ def split(model: str, split_dir: str, overwrite: bool = False) -> dict[str, Any]
 def train(
     split_dir: str,
     train_dir: str,
+    *,
     parallel_size: int,
     command: str | None = None,
     steps: int = 2,
@@ -42,25 +43,9 @@ def train(
 
 
 @task(name="merge", cache_policy=NO_CACHE, **IO_RETRIES)
-def merge(
-    train_dir: str,
-    merged_dir: str,
-    model: str,
-    parallel_size: int | None,
-    output_format: str = "safetensors",
-    dtype: str = "keep",
-    overwrite: bool = False,
-) -> dict[str, Any]:
-    result = vlm_merge.merge(
-        train_dir,
-        merged_dir,
-        model,
-        parallel_size=parallel_size,
-        output_format=output_format,
-        dtype=dtype,
-        overwrite=overwrite,
-    )
-    return asdict(result)
+def merge(train_dir: str, merged_dir: str, model: str, **options: Any) -> dict[str, Any]:
+    """`options`: `ckpt_core.vlm.merge.merge`'s (output_format, dtype, overwrite, ...), by name."""
+    return asdict(vlm_merge.merge(train_dir, merged_dir, model, **options))
 
 
 @task(name="test", cache_policy=NO_CACHE)

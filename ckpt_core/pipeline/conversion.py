@@ -1,6 +1,6 @@
-"""What a conversion is, as small picklable values: the options (`ConvertOptions`, sizes in
-bytes; `options_from` the flat flags of the CLI and the flow), the plan every step takes
-(`ConversionPlan`: URLs and names, never tensors) and the result."""
+"""What a conversion is, as small picklable values: the user's flags (`ConvertFlags`, named,
+sizes as text), the options the pipeline uses (`ConvertOptions`, sizes in bytes), the plan
+every step takes (`ConversionPlan`: URLs and names, never tensors) and the result."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from ckpt_core.units import parse_size_bytes
 
 __all__ = [
     "ConversionPlan",
+    "ConvertFlags",
     "ConvertOptions",
     "ConvertResult",
     "options_from",
@@ -46,32 +47,42 @@ class ConvertOptions:
         return values
 
 
-def options_from(
-    dtype: str = "bf16",
-    max_shard_size: str = "5GB",
-    base: str | None = None,
-    overwrite: bool = False,
-    tag: str | None = None,
-    exclude_frozen: bool = False,
-    allow_missing: Sequence[str] | None = None,
-    format: str | None = None,
-    cache_dir: str | None = None,
-) -> ConvertOptions:
-    """Options from the CLI's and the flow's flat parameters (sizes parsed here, once)."""
-    return ConvertOptions(
-        dtype=dtype,
-        max_shard_bytes=parse_size_bytes(max_shard_size),
-        base=base,
-        overwrite=overwrite,
-        open_options=OpenOptions(
-            tag=tag,
-            exclude_frozen=exclude_frozen,
-            base=base,
-            allow_missing=tuple(allow_missing or ()),
-        ),
-        format=format,
-        cache_dir=cache_dir,
-    )
+@dataclass(frozen=True, kw_only=True)
+class ConvertFlags:
+    """The options as `ckptflow convert` and the `convert` flow take them: flat, by name, sizes
+    as text. The CLI reads these names off its arguments; the flow has them as parameters."""
+
+    dtype: str = "bf16"
+    max_shard_size: str = "5GB"
+    base: str | None = None
+    overwrite: bool = False
+    tag: str | None = None
+    exclude_frozen: bool = False
+    allow_missing: Sequence[str] | None = None
+    format: str | None = None
+    cache_dir: str | None = None
+
+    def options(self) -> ConvertOptions:
+        """The pipeline's options (the size parsed here, once)."""
+        return ConvertOptions(
+            dtype=self.dtype,
+            max_shard_bytes=parse_size_bytes(self.max_shard_size),
+            base=self.base,
+            overwrite=self.overwrite,
+            open_options=OpenOptions(
+                tag=self.tag,
+                exclude_frozen=self.exclude_frozen,
+                base=self.base,
+                allow_missing=tuple(self.allow_missing or ()),
+            ),
+            format=self.format,
+            cache_dir=self.cache_dir,
+        )
+
+
+def options_from(**flags: Any) -> ConvertOptions:
+    """Options from flat flags, given by name only (the fields of `ConvertFlags`)."""
+    return ConvertFlags(**flags).options()
 
 
 @dataclass(frozen=True)
