@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -12,6 +13,7 @@ __all__ = [
     "DTYPE_TO_SAFETENSORS",
     "SAFETENSORS_DTYPES",
     "TARGET_DTYPES",
+    "Sized",
     "TargetDtype",
     "TORCH_DTYPES",
     "flat_buffer",
@@ -85,6 +87,21 @@ def output_dtype(source: torch.dtype, target: torch.dtype | None) -> torch.dtype
     if target is None or not source.is_floating_point:
         return source
     return target
+
+
+class Sized:
+    """`numel` and `nbytes` of anything with a `shape` and a `dtype` (a tensor's description)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * itemsize(self.dtype)
 
 
 def itemsize(dtype: torch.dtype) -> int:

@@ -25,7 +25,12 @@ def run_resolve(args: argparse.Namespace) -> int:
     from ckpt_core.pipeline.resolve import resolve
 
     found = resolve(
-        args.stage, args.hidden_size, args.moe, args.remote_dir, args.local_dir, args.path
+        args.stage,
+        args.hidden_size,
+        moe=args.moe,
+        remote_dir=args.remote_dir,
+        local_dir=args.local_dir,
+        explicit=args.path,
     ).as_dict()
     print(json.dumps(found, indent=2) if args.json else found["url"])
     return 0

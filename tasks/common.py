@@ -5,23 +5,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from ckpt_core.errors import StorageUnavailableError
-from ckpt_core.io.retry import is_transient
-
-
-def worth_a_retry(error: BaseException) -> bool:
-    """ckpt_core's transient/permanent rule (`retry.is_transient`: a reset connection or a 5xx
-    yes, a refused permission, a missing file or a bad input no), plus transient errors that
-    outlasted the IO retries (`StorageUnavailableError`): a later try may find the store back."""
-    return isinstance(error, StorageUnavailableError) or is_transient(error)
+from ckpt_core.io.retry import worth_another_run
 
 
 def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect's `retry_condition_fn`: retry a failed task run only when `worth_a_retry`."""
+    """Prefect's `retry_condition_fn`: retry a failed task run only when ckpt_core's rule
+    (`retry.worth_another_run`) says a later try can succeed."""
     try:
         state.result()
     except Exception as e:
-        return worth_a_retry(e)
+        return worth_another_run(e)
     return False
 
 

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from transformers import Qwen2ForCausalLM
 
-from ckpt_core.errors import KeyMismatchError, PublishError, VerifyError
+from ckpt_core.errors import KeyMismatchError, PublishError, SourceChangedError, VerifyError
 from ckpt_core.pipeline import convert as core
 from ckpt_core.pipeline.convert import ConvertOptions, convert
 from tests.fixtures.tiny import build_tiny_qwen2, sample_input_ids
@@ -255,6 +255,6 @@ def test_a_source_changed_during_conversion_publishes_nothing(tmp_path: Path) ->
     before = (src / "model.safetensors").stat().st_mtime_ns
     _save_single(src, {"a": torch.ones(3)})  # the trainer rewrote it, same bytes, new stamp
     _restamp(src / "model.safetensors", before + 10**9)
-    with pytest.raises(VerifyError, match="changed while it was being converted"):
+    with pytest.raises(SourceChangedError, match="changed while it was being converted"):
         core.publish(plan, files, core.report(plan, checks, 0))
     assert not out.exists()

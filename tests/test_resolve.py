@@ -8,7 +8,7 @@ import fsspec
 import pytest
 
 from ckpt_core.errors import CkptError
-from ckpt_core.pipeline.resolve import pretrained_name, resolve, resolve_pretrained
+from ckpt_core.pipeline.resolve import pretrained_name, resolve
 
 
 def _touch(path: Path) -> Path:
@@ -46,7 +46,7 @@ def test_order_explicit_env_remote_local(tmp_path: Path) -> None:
     got = resolve("full_sft", 512, env={}, **args)
     assert (got.url, got.source) == (str(remote / "full_sft_512.pth"), "remote")
     (remote / "full_sft_512.pth").unlink()
-    assert resolve_pretrained("full_sft", 512, env={}, **args) == str(local / "full_sft_512.pth")
+    assert resolve("full_sft", 512, env={}, **args).url == str(local / "full_sft_512.pth")
 
 
 def test_env_names_a_file_and_the_legacy_variable(tmp_path: Path) -> None:
@@ -56,7 +56,7 @@ def test_env_names_a_file_and_the_legacy_variable(tmp_path: Path) -> None:
     # CKPTFLOW_ wins over the legacy name when both are set.
     other = _touch(tmp_path / "other.pth")
     env = {"MINILLM_PRETRAINED_PATH": str(weights), "CKPTFLOW_PRETRAINED_PATH": str(other)}
-    assert resolve_pretrained("pretrain", 512, env=env) == str(other)
+    assert resolve("pretrain", 512, env=env).url == str(other)
 
 
 def test_moe_name_is_distinct(tmp_path: Path) -> None:
@@ -64,7 +64,7 @@ def test_moe_name_is_distinct(tmp_path: Path) -> None:
     with pytest.raises(CkptError, match="pretrain_512_moe.pth"):
         resolve("pretrain", 512, moe=True, local_dir=str(tmp_path), env={})
     _touch(tmp_path / "pretrain_512_moe.pth")
-    assert resolve_pretrained("pretrain", 512, moe=True, local_dir=str(tmp_path), env={}).endswith(
+    assert resolve("pretrain", 512, moe=True, local_dir=str(tmp_path), env={}).url.endswith(
         "pretrain_512_moe.pth"
     )
 

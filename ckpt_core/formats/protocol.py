@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar, runtime_checkable
 
 import torch
 
-from ckpt_core.dtypes import itemsize
+from ckpt_core.dtypes import Sized
 from ckpt_core.errors import UnknownTensorError
 from ckpt_core.io.storage import Location
 
@@ -17,20 +16,12 @@ __all__ = ["Format", "OpenOptions", "Reader", "SourceFacts", "TensorInfo", "look
 
 
 @dataclass(frozen=True)
-class TensorInfo:
+class TensorInfo(Sized):
     """What is known of a tensor without reading its data."""
 
     name: str
     dtype: torch.dtype
     shape: tuple[int, ...]
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * itemsize(self.dtype)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ larger file (DCP's .distcp) and on any fsspec file.
 from __future__ import annotations
 
 import io
-import math
 import struct
 import zipfile
 from collections.abc import Mapping
@@ -18,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ckpt_core.dtypes import flat_buffer, itemsize
+from ckpt_core.dtypes import Sized, flat_buffer, itemsize
 from ckpt_core.errors import FormatError
 from ckpt_core.formats.unpickle import TENSORS, Fragment, StorageRef, TensorRef, restricted_load
 from ckpt_core.io.storage import Location
@@ -28,7 +27,7 @@ __all__ = ["LazyTensor", "LazyTorchFile", "iter_tensors"]
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")  # zip local file header, 30 bytes
 
 
-class LazyTensor(TensorRef):
+class LazyTensor(TensorRef, Sized):
     """A tensor inside a torch.save file, known by where its bytes are."""
 
     def __init__(
@@ -44,18 +43,7 @@ class LazyTensor(TensorRef):
         self.storage_offset = storage_offset
         self.shape = shape
         self.stride = stride
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.storage.dtype
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * itemsize(self.dtype)
+        self.dtype = storage.dtype
 
     def _span_elements(self) -> int:
         """Elements from storage_offset to the last element this view touches, inclusive."""

@@ -15,7 +15,15 @@ from typing import TypeVar
 
 from ckpt_core.errors import CkptError, StorageRefusedError, StorageUnavailableError
 
-__all__ = ["POLICY", "RetryPolicy", "call", "explain", "is_transient", "set_policy"]
+__all__ = [
+    "POLICY",
+    "RetryPolicy",
+    "call",
+    "explain",
+    "is_transient",
+    "set_policy",
+    "worth_another_run",
+]
 
 T = TypeVar("T")
 log = logging.getLogger("ckptflow.retry")
@@ -139,6 +147,14 @@ def is_transient(error: BaseException) -> bool:
         if isinstance(e, OSError) and any(w in str(e) for w in _TRANSIENT_WORDS):
             return True
     return False
+
+
+def worth_another_run(error: BaseException) -> bool:
+    """For an orchestrator's retry of a whole step (a Prefect task): a transient error, or
+    transient errors that outlasted this module's IO retries (`StorageUnavailableError`): a
+    later try may find the store back. A refused permission, a missing file, a bad input or an
+    unknown error no."""
+    return isinstance(error, StorageUnavailableError) or is_transient(error)
 
 
 def call(what: str, fn: Callable[[], T], policy: RetryPolicy | None = None) -> T:

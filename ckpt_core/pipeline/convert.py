@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ckpt_core.dtypes import itemsize, output_dtype, parse_target
-from ckpt_core.errors import FormatError, KeyMismatchError, VerifyError
+from ckpt_core.errors import FormatError, KeyMismatchError, SourceChangedError, VerifyError
 from ckpt_core.families.model_config import tie_word_embeddings
 from ckpt_core.formats.protocol import Reader, TensorInfo
 from ckpt_core.formats.registry import detect, get_format
@@ -109,7 +109,7 @@ def check_source_unchanged(plan: ConversionPlan, reader: Reader | None = None) -
     """The source files still have the sizes and modification stamps they had at planning."""
     now = source_fingerprint(reader or reader_for(plan), plan.src_url, plan.reader_url)
     if now != plan.source["fingerprint"]:
-        raise VerifyError(
+        raise SourceChangedError(
             f"{plan.src_url}: the source checkpoint changed while it was being converted "
             "(is training still writing it?); nothing was published: run the conversion again"
         )
@@ -273,7 +273,7 @@ def publish(plan: ConversionPlan, files: Sequence[FileRecord], result: Report) -
     """Manifest and marker, then into place; a failed verification publishes nothing."""
     try:
         check_source_unchanged(plan)
-    except VerifyError:
+    except SourceChangedError:
         discard(plan.target)
         raise
     if not result.ok:

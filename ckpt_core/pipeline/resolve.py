@@ -23,7 +23,6 @@ __all__ = [
     "Resolution",
     "pretrained_name",
     "resolve",
-    "resolve_pretrained",
 ]
 
 ENV_VARS = ("CKPTFLOW_PRETRAINED_PATH", "MINILLM_PRETRAINED_PATH")
@@ -57,7 +56,7 @@ class Resolution:
         }
 
 
-def pretrained_name(stage: str, hidden_size: int, moe: bool = False) -> str:
+def pretrained_name(stage: str, hidden_size: int, *, moe: bool = False) -> str:
     if not _STAGE.match(stage):
         raise UsageError(
             f"stage {stage!r} is not a plain name (known stages: {', '.join(KNOWN_STAGES)})"
@@ -70,6 +69,7 @@ def pretrained_name(stage: str, hidden_size: int, moe: bool = False) -> str:
 def resolve(
     stage: str,
     hidden_size: int,
+    *,
     moe: bool = False,
     remote_dir: str | None = None,
     local_dir: str | None = "./out",
@@ -78,7 +78,7 @@ def resolve(
 ) -> Resolution:
     """The first existing candidate, with the list of what was searched (for the CLI's report)."""
     env = os.environ if env is None else env
-    name = pretrained_name(stage, hidden_size, moe)
+    name = pretrained_name(stage, hidden_size, moe=moe)
     if explicit:
         if not Location(explicit).exists():
             raise StorageRefusedError(
@@ -107,16 +107,3 @@ def resolve(
         f"no pretrained weights {name} found; searched {listing}. Pass --path, set "
         f"{ENV_VARS[0]}, or give --remote-dir/--local-dir"
     )
-
-
-def resolve_pretrained(
-    stage: str,
-    hidden_size: int,
-    moe: bool = False,
-    remote_dir: str | None = None,
-    local_dir: str | None = "./out",
-    explicit: str | None = None,
-    env: Mapping[str, str] | None = None,
-) -> str:
-    """The URL of the pretrained weights (see `resolve`)."""
-    return resolve(stage, hidden_size, moe, remote_dir, local_dir, explicit, env).url

@@ -18,12 +18,13 @@ from ckpt_core.pipeline.plan import ShardSpec
 from ckpt_core.pipeline.stream import ChunkBuffers, prefetch
 from ckpt_core.units import format_bytes
 
-__all__ = ["Report", "ShardCheck", "combine", "identical", "same_bytes", "verify_shard"]
+__all__ = ["Report", "ShardCheck", "Tally", "combine", "identical", "same_bytes", "verify_shard"]
 
 
 @dataclass(frozen=True)
-class ShardCheck:
-    filename: str
+class Tally:
+    """What a verification counted: tensors, their bytes, dtypes, and the names that differ."""
+
     tensors: int
     tensor_bytes: int
     dtypes: dict[str, int]
@@ -31,12 +32,13 @@ class ShardCheck:
 
 
 @dataclass(frozen=True)
-class Report:
-    files: int
-    tensors: int
-    tensor_bytes: int
-    dtypes: dict[str, int]
-    mismatches: tuple[str, ...]
+class ShardCheck(Tally):
+    filename: str = ""
+
+
+@dataclass(frozen=True)
+class Report(Tally):
+    files: int = 0
     dropped: tuple[str, ...] = ()
     notes: tuple[str, ...] = field(default_factory=tuple)
 
@@ -114,7 +116,7 @@ def verify_shard(
     dtypes = Counter(to_safetensors(header.entries[n].dtype) for n in shard.tensors)
     total = sum(e.end - e.begin for e in header.entries.values())
     mismatches = tuple(n for n in shard.tensors if n in differs)
-    return ShardCheck(shard.filename, len(shard.tensors), total, dict(dtypes), mismatches)
+    return ShardCheck(len(shard.tensors), total, dict(dtypes), mismatches, shard.filename)
 
 
 def identical(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -105,7 +105,7 @@ def _write_bin(plan: ConversionPlan) -> tuple[list[FileRecord], list[ShardCheck]
     for n in names:
         dtypes[plan.dtypes[n]] = dtypes.get(plan.dtypes[n], 0) + 1
     total = sum(written[n].nbytes for n in names)
-    return [record], [ShardCheck(BIN_FILE, len(names), total, dtypes, mismatches)]
+    return [record], [ShardCheck(len(names), total, dtypes, mismatches, BIN_FILE)]
 
 
 def _write_metadata(
