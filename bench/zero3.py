@@ -210,18 +210,22 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument(
-        "--steps", type=int, default=0,
+        "--steps",
+        type=int,
+        default=0,
         help="training steps before the save: 0 leaves only fp32 masters in the optimizer "
         "files; 1+ adds Adam's two moments, as in a checkpoint from a real run",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--cold", action="store_true",
+        "--cold",
+        action="store_true",
         help="drop the page cache before each variant (root): reads come from the disk",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--commands", action="store_true",
+        "--commands",
+        action="store_true",
         help="time the whole commands (imports included) instead of the library calls",
-    )  # fmt: skip
+    )
     args = parser.parse_args()
 
     root = build_checkpoint(args.layers, args.steps)

@@ -16,7 +16,9 @@ def add_parsers(subparsers: Any) -> None:
     resolve.add_argument("--moe", action="store_true")
     resolve.add_argument("--remote-dir", help="directory URL searched after the environment")
     resolve.add_argument("--local-dir", default="./out", help="searched last (default ./out)")
-    resolve.add_argument("--path", help="an explicit file; an error if it does not exist")
+    resolve.add_argument(
+        "--path", dest="explicit", help="an explicit file; an error if it does not exist"
+    )
     resolve.add_argument("--json", action="store_true", help="print url, source and searched")
     resolve.set_defaults(handler=run_resolve)
 
@@ -24,13 +26,8 @@ def add_parsers(subparsers: Any) -> None:
 def run_resolve(args: argparse.Namespace) -> int:
     from ckpt_core.pipeline.resolve import resolve
 
-    found = resolve(
-        args.stage,
-        args.hidden_size,
-        moe=args.moe,
-        remote_dir=args.remote_dir,
-        local_dir=args.local_dir,
-        explicit=args.path,
-    ).as_dict()
+    # The flags' dests are resolve()'s option names.
+    options = {name: getattr(args, name) for name in ("moe", "remote_dir", "local_dir", "explicit")}
+    found = resolve(args.stage, args.hidden_size, **options).as_dict()
     print(json.dumps(found, indent=2) if args.json else found["url"])
     return 0

@@ -72,12 +72,9 @@ def tiny_model() -> Any:
             depth=1, hidden_size=8, intermediate_size=8, num_heads=1, out_hidden_size=8
         ),
         text_config=dict(
-            vocab_size=8,
-            hidden_size=8,
-            intermediate_size=8,
-            num_hidden_layers=1,
-            num_attention_heads=1,
-            num_key_value_heads=1,
+            # Every size 8, every count 1.
+            **dict.fromkeys(("vocab_size", "hidden_size", "intermediate_size"), 8),
+            **dict.fromkeys(("num_hidden_layers", "num_attention_heads", "num_key_value_heads"), 1),
             bos_token_id=0,
             eos_token_id=1,
             rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]},
