@@ -10,6 +10,7 @@ from typing import Any
 from prefect import Flow, flow, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from ckpt_core.dtypes import TargetDtype
 from ckpt_core.pipeline.conversion import ConvertFlags
 from ckpt_core.pipeline.convert import report
 from ckpt_core.pipeline.run import conversion_run
@@ -21,7 +22,7 @@ def convert_flow(
     src: str,
     dst: str,
     *,
-    dtype: str = "bf16",
+    dtype: TargetDtype = "bf16",
     max_shard_size: str = "5GB",
     base: str | None = None,
     overwrite: bool = False,

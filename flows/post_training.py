@@ -11,7 +11,9 @@ from typing import Any
 
 from prefect import flow
 
+from ckpt_core.dtypes import TargetDtype
 from ckpt_core.io.storage import join_url
+from ckpt_core.vlm.merge import OutputFormat
 from tasks import vlm as steps
 
 
@@ -23,8 +25,8 @@ def post_training(
     train_command: str | None = None,
     parallel_size: int = 2,
     steps_per_rank: int = 2,
-    output_format: str = "safetensors",
-    dtype: str = "keep",
+    output_format: OutputFormat = "safetensors",
+    dtype: TargetDtype = "keep",
     train_retries: int = 2,
     train_retry_delay_seconds: float = 5,
     overwrite: bool = False,

@@ -8,6 +8,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
+from ckpt_core.dtypes import TargetDtype
 from ckpt_core.pipeline.watch import Pending, find_pending
 from flows.convert import convert_flow
 from tasks.common import IO_RETRIES
@@ -24,7 +25,7 @@ def watch_flow(
     out_root: str,
     *,
     max_conversions: int = 4,
-    dtype: str = "bf16",
+    dtype: TargetDtype = "bf16",
     max_shard_size: str = "5GB",
     base: str | None = None,
 ) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from ckpt_core.dtypes import TargetDtype
 from ckpt_core.vlm import merge as vlm_merge
 from ckpt_core.vlm import split as vlm_split
 from ckpt_core.vlm import tiny_trainer
@@ -43,9 +44,19 @@ def train(
 
 
 @task(name="merge", cache_policy=NO_CACHE, **IO_RETRIES)
-def merge(train_dir: str, merged_dir: str, model: str, **options: Any) -> dict[str, Any]:
-    """`options`: `ckpt_core.vlm.merge.merge`'s (output_format, dtype, overwrite, ...), by name."""
-    return asdict(vlm_merge.merge(train_dir, merged_dir, model, **options))
+def merge(
+    train_dir: str,
+    merged_dir: str,
+    model: str,
+    *,
+    output_format: vlm_merge.OutputFormat = "safetensors",
+    dtype: TargetDtype = "keep",
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    result = vlm_merge.merge(
+        train_dir, merged_dir, model, output_format=output_format, dtype=dtype, overwrite=overwrite
+    )
+    return asdict(result)
 
 
 @task(name="test", cache_policy=NO_CACHE)

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ckpt_core import __version__
+from ckpt_core.dtypes import TargetDtype
 from ckpt_core.formats.protocol import OpenOptions
 from ckpt_core.pipeline import manifest
 from ckpt_core.pipeline.assets import AssetSource
@@ -31,7 +32,7 @@ __all__ = [
 
 @dataclass(frozen=True)
 class ConvertOptions:
-    dtype: str = "bf16"  # bf16 | fp16 | fp32 | keep
+    dtype: TargetDtype = "bf16"
     max_shard_bytes: int = 5 * 10**9
     base: str | None = None  # HF model dir to take config/tokenizer from when the source has none
     overwrite: bool = False
@@ -52,7 +53,7 @@ class ConvertFlags:
     """The options as `ckptflow convert` and the `convert` flow take them: flat, by name, sizes
     as text. The CLI reads these names off its arguments; the flow has them as parameters."""
 
-    dtype: str = "bf16"
+    dtype: TargetDtype = "bf16"
     max_shard_size: str = "5GB"
     base: str | None = None
     overwrite: bool = False

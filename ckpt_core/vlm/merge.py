@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 
 import ckpt_core
-from ckpt_core.errors import CkptError, VerifyError
+from ckpt_core.dtypes import TargetDtype
+from ckpt_core.errors import UsageError, VerifyError
 from ckpt_core.formats.protocol import OpenOptions
 from ckpt_core.formats.torchzip import LazyTorchFile, iter_tensors
 from ckpt_core.io.storage import Location
@@ -27,19 +28,19 @@ from ckpt_core.pipeline import convert as conv
 from ckpt_core.pipeline.conversion import ConversionPlan, ConvertOptions
 from ckpt_core.pipeline.run import conversion_run
 from ckpt_core.pipeline.verify import ShardCheck, identical
-from ckpt_core.pipeline.writer import FileRecord, write_bytes
-from ckpt_core.vlm.split import sha256_file
+from ckpt_core.pipeline.writer import FileRecord, hash_file, write_bytes
 
 MERGE_METADATA = "merge_metadata.json"
 BIN_FILE = "pytorch_model.bin"
-OUTPUT_FORMATS = ("safetensors", "bin")
+OutputFormat = Literal["safetensors", "bin"]
+OUTPUT_FORMATS: tuple[OutputFormat, ...] = get_args(OutputFormat)
 
 
 @dataclass(frozen=True)
 class MergeResult:
     output_url: str
     tensors: int
-    output_format: str
+    output_format: OutputFormat
     message: str
     skipped: bool = False
 
@@ -50,8 +51,8 @@ def merge(
     base_url: str,
     *,
     parallel_size: int | None = None,
-    output_format: str = "safetensors",
-    dtype: str = "keep",
+    output_format: OutputFormat = "safetensors",
+    dtype: TargetDtype = "keep",
     max_shard_bytes: int = 5 * 10**9,
     overwrite: bool = False,
     workers: int = 2,
@@ -60,7 +61,9 @@ def merge(
     """`wait_seconds`: how long to wait for another run writing `output_url` (default: fail at
     once naming it); a merge killed halfway keeps its finished shards for the next run."""
     if output_format not in OUTPUT_FORMATS:
-        raise CkptError(f"unknown --format {output_format!r}: choose {' or '.join(OUTPUT_FORMATS)}")
+        raise UsageError(
+            f"unknown --format {output_format!r}: choose {' or '.join(OUTPUT_FORMATS)}"
+        )
     options = ConvertOptions(
         dtype=dtype,
         max_shard_bytes=max_shard_bytes,
@@ -96,7 +99,7 @@ def _write_bin(plan: ConversionPlan) -> tuple[list[FileRecord], list[ShardCheck]
     work = Location(plan.target.work_url)
     with work.fs.open(work.file(BIN_FILE), "wb") as handle:
         torch.save({n: produce(n) for n in names}, handle)
-    record = FileRecord(BIN_FILE, work.size(BIN_FILE), sha256_file(work, BIN_FILE))
+    record = hash_file(work, BIN_FILE)
     written = dict(iter_tensors(LazyTorchFile(work, BIN_FILE).obj))
     if set(written) != set(names):
         raise VerifyError(f"{work.file(BIN_FILE)}: holds other tensors than planned")
@@ -109,7 +112,7 @@ def _write_bin(plan: ConversionPlan) -> tuple[list[FileRecord], list[ShardCheck]
 
 
 def _write_metadata(
-    plan: ConversionPlan, output_format: str, checkpoint_url: str, base_url: str
+    plan: ConversionPlan, output_format: OutputFormat, checkpoint_url: str, base_url: str
 ) -> FileRecord:
     import transformers
 
@@ -149,7 +152,7 @@ def check_merged(model_url: str, base_url: str | None = None, seed: int = 0) -> 
 
     root = Location(model_url)
     if not root.is_local:
-        raise CkptError(f"{model_url}: the test step loads with transformers: needs a local path")
+        raise UsageError(f"{model_url}: the test step loads with transformers: needs a local path")
     config = load_config(root)
     family = family_for(config, root.file("config.json"))
     model_class = getattr(transformers, family.model_class)

@@ -23,8 +23,9 @@ from ckpt_core.families import family_for, load_config
 from ckpt_core.families.model_config import TIED_HEAD, head_to_drop, tie_word_embeddings
 from ckpt_core.formats.registry import open_reader
 from ckpt_core.io.storage import Location
+from ckpt_core.pipeline.writer import hash_file
 
-__all__ = ["SPLIT_METADATA", "SplitResult", "sha256_file", "split"]
+__all__ = ["SPLIT_METADATA", "SplitResult", "split"]
 
 SPLIT_METADATA = "split_metadata.json"
 
@@ -42,14 +43,6 @@ def _source_fingerprint(root: Location, files: list[str]) -> dict[str, int]:
     return {f: root.size(f) for f in sorted([*files, "config.json"])}
 
 
-def sha256_file(root: Location, relative: str) -> str:
-    digest = hashlib.sha256()
-    with root.fs.open(root.file(relative), "rb") as handle:
-        while chunk := handle.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _existing(out: Location, fingerprint: dict[str, int], source: str, overwrite: bool) -> Any:
     """The previous split's metadata if it is this source's and intact; refuse a different one."""
     if not out.exists(SPLIT_METADATA):
@@ -57,7 +50,8 @@ def _existing(out: Location, fingerprint: dict[str, int], source: str, overwrite
     meta = json.loads(out.read_text(SPLIT_METADATA))
     same = meta.get("source_files") == fingerprint and meta.get("source") == source
     if same and all(
-        out.exists(f) and sha256_file(out, f) == info["sha256"] for f, info in meta["files"].items()
+        out.exists(f) and hash_file(out, f).sha256 == info["sha256"]
+        for f, info in meta["files"].items()
     ):
         return meta
     if not overwrite:
@@ -118,7 +112,7 @@ def split(model_url: str, output_url: str, *, overwrite: bool = False) -> SplitR
             torch.save({"model": state, "config": part_config}, handle)
         del state
         files[part.split_file] = {
-            "sha256": sha256_file(out, part.split_file),
+            "sha256": hash_file(out, part.split_file).sha256,
             "bytes": out.size(part.split_file),
         }
     config_bytes = root.read_bytes("config.json")
