@@ -22,7 +22,7 @@ import torch
 from ckpt_core.errors import FormatError, KeyMismatchError, clip
 from ckpt_core.formats.dcp import Box, check_cover, fill_from, region
 from ckpt_core.formats.protocol import OpenOptions, Reader, SourceFacts, TensorInfo, lookup
-from ckpt_core.formats.torchzip import LazyTensor, LazyTorchFile
+from ckpt_core.formats.torchzip import LazyTensor, LazyTorchFile, iter_leaves
 from ckpt_core.formats.unpickle import DTENSOR, DTensorRef, Replicate, Shard, StridedShard
 from ckpt_core.io.storage import Location
 
@@ -95,7 +95,7 @@ class FsdpRanksReader:
                 raise FormatError(
                     f"{lazy.where}: expected a state dict, found {type(lazy.obj).__name__}"
                 )
-            per_rank.append(_flatten(lazy.obj))
+            per_rank.append(dict(iter_leaves(lazy.obj, (LazyTensor, DTensorRef))))
         check_same_names(root, files, per_rank)
         for name in per_rank[0]:
             self._plan(name, [tensors[name] for tensors in per_rank], world)
@@ -190,17 +190,6 @@ def check_same_names(
                 f"(only in rank {rank}: {clip(set(tensors) - first)}; "
                 f"missing: {clip(first - set(tensors))})"
             )
-
-
-def _flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    found: dict[str, Any] = {}
-    for key, value in obj.items():
-        name = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, (LazyTensor, DTensorRef)):
-            found[name] = value
-        elif isinstance(value, Mapping):
-            found.update(_flatten(value, name))
-    return found
 
 
 def rank_files(root: Location) -> tuple[list[str], int, list[str]]:

@@ -22,7 +22,7 @@ from ckpt_core.errors import FormatError
 from ckpt_core.formats.unpickle import TENSORS, Fragment, StorageRef, TensorRef, restricted_load
 from ckpt_core.io.storage import Location
 
-__all__ = ["LazyTensor", "LazyTorchFile", "iter_tensors"]
+__all__ = ["LazyTensor", "LazyTorchFile", "iter_leaves", "iter_tensors"]
 
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")  # zip local file header, 30 bytes
 
@@ -224,12 +224,19 @@ class _Window(io.RawIOBase):
         super().close()
 
 
-def iter_tensors(obj: Any, prefix: str = "") -> list[tuple[str, LazyTensor]]:
-    """Flatten nested dicts of LazyTensors to dotted names, in insertion order."""
-    found: list[tuple[str, LazyTensor]] = []
-    if isinstance(obj, LazyTensor):
+def iter_leaves(
+    obj: Any, leaves: type | tuple[type, ...], prefix: str = ""
+) -> list[tuple[str, Any]]:
+    """Flatten nested dicts to dotted names, keeping the values of type `leaves`, in order."""
+    found: list[tuple[str, Any]] = []
+    if isinstance(obj, leaves):
         found.append((prefix, obj))
     elif isinstance(obj, Mapping):
         for key, value in obj.items():
-            found.extend(iter_tensors(value, f"{prefix}.{key}" if prefix else str(key)))
+            found.extend(iter_leaves(value, leaves, f"{prefix}.{key}" if prefix else str(key)))
     return found
+
+
+def iter_tensors(obj: Any, prefix: str = "") -> list[tuple[str, LazyTensor]]:
+    """The LazyTensors of a torch.save object (nested dicts), by dotted name, in order."""
+    return iter_leaves(obj, LazyTensor, prefix)

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 
 from ckpt_core.dtypes import itemsize, output_dtype, parse_target
-from ckpt_core.errors import FormatError, KeyMismatchError, SourceChangedError, VerifyError
-from ckpt_core.families.model_config import tie_word_embeddings
+from ckpt_core.errors import FormatError, SourceChangedError, VerifyError
+from ckpt_core.families.model_config import head_to_drop, tie_word_embeddings
 from ckpt_core.formats.protocol import Reader, TensorInfo
 from ckpt_core.formats.registry import detect, get_format
 from ckpt_core.io import retry
@@ -64,7 +64,6 @@ __all__ = [
 ]
 
 OnBytes = Callable[[int], None]
-TIED_HEAD = "lm_head.weight"
 
 
 # Readers opened in this process, by source and its fingerprint: the steps of one conversion
@@ -100,14 +99,14 @@ def reader_for(plan: ConversionPlan) -> Reader:
     if found is not None:
         return found
     reader = get_format(plan.format).open(Location(plan.reader_url), plan.options.open_options)
-    check_source_unchanged(plan, reader)
+    check_source_unchanged(plan, reader)  # another worker: the very files the plan was made from
     _remember(key, reader)
     return reader
 
 
-def check_source_unchanged(plan: ConversionPlan, reader: Reader | None = None) -> None:
+def check_source_unchanged(plan: ConversionPlan, reader: Reader) -> None:
     """The source files still have the sizes and modification stamps they had at planning."""
-    now = source_fingerprint(reader or reader_for(plan), plan.src_url, plan.reader_url)
+    now = source_fingerprint(reader, plan.src_url, plan.reader_url)
     if now != plan.source["fingerprint"]:
         raise SourceChangedError(
             f"{plan.src_url}: the source checkpoint changed while it was being converted "
@@ -178,22 +177,10 @@ def plan_conversion(src_url: str, dst_url: str, options: ConvertOptions) -> Conv
 def _tied_names(
     index: dict[str, TensorInfo], config: dict[str, Any] | None, src_url: str
 ) -> set[str]:
-    """transformers does not save a tied lm_head; an untied model must have one."""
     if config is None:
         return set()
-    tied = tie_word_embeddings(config)
-    if tied and TIED_HEAD in index:
-        return {TIED_HEAD}
-    if (
-        not tied
-        and TIED_HEAD not in index
-        and any(n.endswith("embed_tokens.weight") for n in index)
-    ):
-        raise KeyMismatchError(
-            f"{src_url}: config.json says tie_word_embeddings=false but the checkpoint has no "
-            f"{TIED_HEAD}; the output would load with a random head"
-        )
-    return set()
+    head = head_to_drop(index, tied=tie_word_embeddings(config), where=src_url)
+    return {head} if head else set()
 
 
 # Tests only: slows every tensor so that a test can kill a run at a chosen point.
@@ -272,7 +259,7 @@ def report(plan: ConversionPlan, checks: Sequence[ShardCheck], other_files: int)
 def publish(plan: ConversionPlan, files: Sequence[FileRecord], result: Report) -> ConvertResult:
     """Manifest and marker, then into place; a failed verification publishes nothing."""
     try:
-        check_source_unchanged(plan)
+        check_source_unchanged(plan, reader_for(plan))
     except SourceChangedError:
         discard(plan.target)
         raise
