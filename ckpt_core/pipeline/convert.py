@@ -22,12 +22,10 @@ from ckpt_core.dtypes import itemsize, output_dtype, parse_target
 from ckpt_core.errors import FormatError, SourceChangedError, VerifyError
 from ckpt_core.families.model_config import head_to_drop, tie_word_embeddings
 from ckpt_core.formats.protocol import Reader, TensorInfo
-from ckpt_core.formats.registry import detect, get_format
 from ckpt_core.io import retry
 from ckpt_core.io.stage import remote_stamp, stage_source
 from ckpt_core.io.storage import Location
 from ckpt_core.pipeline import manifest
-from ckpt_core.pipeline.assets import find_assets, read_config
 from ckpt_core.pipeline.conversion import ConversionPlan, ConvertOptions, ConvertResult
 from ckpt_core.pipeline.plan import SAFETENSORS_INDEX, index_json, plan_shards
 from ckpt_core.pipeline.publish import (
@@ -41,6 +39,7 @@ from ckpt_core.pipeline.publish import (
     target_for,
 )
 from ckpt_core.pipeline.run import conversion_run, start
+from ckpt_core.pipeline.source import open_source
 from ckpt_core.pipeline.stream import ChunkBuffers, release_freed_memory, source_chunks
 from ckpt_core.pipeline.verify import Report, ShardCheck, combine, verify_shard
 from ckpt_core.pipeline.writer import FileRecord, write_bytes, write_safetensors
@@ -98,7 +97,7 @@ def reader_for(plan: ConversionPlan) -> Reader:
         found = _READERS.get(key)
     if found is not None:
         return found
-    reader = get_format(plan.format).open(Location(plan.reader_url), plan.options.open_options)
+    reader, _ = open_source(plan.reader_url, plan.options, format_name=plan.format)
     check_source_unchanged(plan, reader)  # another worker: the very files the plan was made from
     _remember(key, reader)
     return reader
@@ -115,17 +114,13 @@ def check_source_unchanged(plan: ConversionPlan, reader: Reader) -> None:
 
 
 def plan_conversion(src_url: str, dst_url: str, options: ConvertOptions) -> ConversionPlan:
-    read_url = stage_source(src_url, options.cache_dir) if options.cache_dir else src_url
-    fmt = get_format(options.format) if options.format else detect(read_url)
-    reader = fmt.open(Location(read_url), options.open_options)
     src, dst = Location(src_url), Location(dst_url)
     refuse_inside(dst, src, "source checkpoint")
-    asset_dirs = list(reader.asset_dirs())
     if options.base:
         refuse_inside(dst, Location(options.base), "base model")
-        asset_dirs.append(Location(options.base))
-    assets = find_assets(asset_dirs)
-    config = read_config(assets)
+    read_url = stage_source(src_url, options.cache_dir) if options.cache_dir else src_url
+    reader, opened = open_source(read_url, options)
+    config = opened.config
     index = dict(reader.index())
     if not index:
         raise FormatError(f"{src_url}: the checkpoint holds no tensors")
@@ -142,7 +137,7 @@ def plan_conversion(src_url: str, dst_url: str, options: ConvertOptions) -> Conv
     facts = reader.facts()
     source = {
         "url": src_url,
-        "format": fmt.name,
+        "format": opened.format,
         "fingerprint": source_fingerprint(reader, src_url, read_url),
         "notes": list(facts.notes),
     }
@@ -158,12 +153,12 @@ def plan_conversion(src_url: str, dst_url: str, options: ConvertOptions) -> Conv
     )
     plan = ConversionPlan(
         src_url,
-        fmt.name,
+        opened.format,
         options,
         target,
         tuple(shards),
         {n: str(d).removeprefix("torch.") for n, d in out.items()},
-        tuple(assets),
+        opened.assets,
         tuple(sorted(dropped)),
         source,
         warnings,

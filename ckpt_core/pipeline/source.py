@@ -1,0 +1,58 @@
+"""A conversion's source as the pipeline reads it: the format's reader, then the source
+transforms, in order, each a Reader over the one before (LoRA fused into its base, prefixes
+stripped, a trainer's extra entries left out, names laid out as `save_pretrained` writes them).
+
+`open_source` is the one place that builds it, so the planning process and every worker (a
+Prefect task on another machine) read the very same tensors under the very same names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ckpt_core.formats.protocol import Reader
+from ckpt_core.formats.registry import detect, get_format
+from ckpt_core.io.storage import Location
+from ckpt_core.pipeline.assets import AssetSource, find_assets, read_config
+from ckpt_core.pipeline.conversion import ConvertOptions
+
+__all__ = ["TRANSFORMS", "Source", "Transform", "open_source"]
+
+
+@dataclass(frozen=True)
+class Source:
+    """What the transforms may use: the format's name, the assets found (config, tokenizer),
+    the config as a dict (None without one) and the conversion's options."""
+
+    format: str
+    assets: tuple[AssetSource, ...]
+    config: dict[str, Any] | None
+    options: ConvertOptions
+
+
+# A transform returns the reader it was given when it has nothing to do.
+Transform = Callable[[Reader, Source], Reader]
+
+# In order. Each is a pure function of the reader and the source: applied again by a worker,
+# it gives the same reader.
+TRANSFORMS: Sequence[Transform] = ()
+
+
+def open_source(
+    read_url: str, options: ConvertOptions, *, format_name: str | None = None
+) -> tuple[Reader, Source]:
+    """The format's reader (`format_name`, else `options.format`, else detected), the assets
+    from the source's own directories then `--base`, and every transform applied."""
+    name = format_name or options.format
+    fmt = get_format(name) if name else detect(read_url)
+    reader = fmt.open(Location(read_url), options.open_options)
+    dirs = list(reader.asset_dirs())
+    if options.base:
+        dirs.append(Location(options.base))
+    assets = tuple(find_assets(dirs))
+    source = Source(fmt.name, assets, read_config(assets), options)
+    for transform in TRANSFORMS:
+        reader = transform(reader, source)
+    return reader, source
