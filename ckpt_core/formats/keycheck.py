@@ -12,9 +12,8 @@ from collections.abc import Iterable, Sequence
 from fnmatch import fnmatchcase
 from typing import Any
 
-import torch
-
 from ckpt_core.errors import ConfigError, KeyMismatchError, clip
+from ckpt_core.families.hf_layout import build_meta_model
 from ckpt_core.families.model_config import CONFIG, read_config, transformers_config
 from ckpt_core.io.storage import Location, split_url
 
@@ -40,24 +39,7 @@ def _file(url: str) -> tuple[Location, str]:
 
 def model_key_groups(config: Any) -> list[list[str]]:
     """The model's state dict names, grouped by shared tensor (tied names together), in order."""
-    import transformers
-
-    arch = next(iter(getattr(config, "architectures", None) or []), None)
-    classes = [getattr(transformers, arch, None)] if arch else []
-    classes += [transformers.AutoModelForCausalLM, transformers.AutoModel]
-    errors = []
-    for cls in classes:
-        if cls is None:
-            continue
-        try:
-            with torch.device("meta"):
-                build = cls.from_config if hasattr(cls, "from_config") else cls._from_config
-                model = build(config)
-            break
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            errors.append(f"{getattr(cls, '__name__', cls)}: {e}")
-    else:
-        raise ConfigError(f"cannot build the model config describes: {'; '.join(errors)}")
+    model = build_meta_model(config)
     groups: dict[int, list[str]] = {}
     for name, value in model.state_dict(keep_vars=True).items():
         groups.setdefault(id(value), []).append(name)
