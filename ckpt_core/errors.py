@@ -7,6 +7,7 @@ traceback. Whether a failure is worth retrying is decided by `ckpt_core.io.retry
 from __future__ import annotations
 
 __all__ = [
+    "AdapterError",
     "CkptError",
     "ConfigError",
     "FormatError",
@@ -34,6 +35,10 @@ class UsageError(CkptError):
 
 class FormatError(CkptError):
     """The input is not a checkpoint ckptflow can read, or is malformed."""
+
+
+class AdapterError(FormatError):
+    """A PEFT adapter ckptflow will not fuse or keep (not LoRA, DoRA, a base-changing init...)."""
 
 
 class UnsafeFileError(FormatError):

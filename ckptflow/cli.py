@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATTERN",
         help="model keys (fnmatch) allowed to be absent from the checkpoint",
     )
+    convert.add_argument(
+        "--lora", default="fuse", choices=["fuse", "keep"],
+        help="a PEFT LoRA adapter: fuse it into --base (default), or keep it as an adapter dir",
+    )  # fmt: skip
     convert.add_argument("--format", help="force a format instead of detecting it")
     convert.add_argument("--workers", type=int, default=2, help="shards written in parallel")
     convert.add_argument(

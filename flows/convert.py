@@ -11,6 +11,7 @@ from prefect import Flow, flow, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from ckpt_core.dtypes import TargetDtype
+from ckpt_core.formats.peft_adapter import LoraMode
 from ckpt_core.pipeline.conversion import ConvertFlags
 from ckpt_core.pipeline.convert import report
 from ckpt_core.pipeline.run import conversion_run
@@ -31,6 +32,7 @@ def convert_flow(
     allow_missing: list[str] | None = None,
     format: str | None = None,
     cache_dir: str | None = None,
+    lora: LoraMode = "fuse",
     wait_seconds: float | None = None,
 ) -> dict[str, Any]:
     """Convert the checkpoint at `src` (any fsspec URL) into a HF directory at `dst`; the
@@ -46,6 +48,7 @@ def convert_flow(
         allow_missing=allow_missing,
         format=format,
         cache_dir=cache_dir,
+        lora=lora,
     )
     conversion = steps.plan(src, dst, flags.options())
     # The flow run holds the destination from start to publish; tasks may run anywhere.

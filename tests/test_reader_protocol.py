@@ -35,6 +35,13 @@ def _torch_file(tmp: Path) -> tuple[str, OpenOptions]:
     return str(tmp / "weights.pth"), OpenOptions()
 
 
+def _peft_adapter(tmp: Path) -> tuple[str, OpenOptions]:
+    name = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    save_file({name: torch.ones(2, 3)}, str(tmp / "adapter_model.safetensors"))
+    (tmp / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 2, "lora_alpha": 4}')
+    return str(tmp), OpenOptions()
+
+
 def _deepspeed(tmp: Path) -> tuple[str, OpenOptions]:
     return str(deepspeed_fixtures() / "stage3" / "ckpt"), OpenOptions()
 
@@ -59,6 +66,7 @@ SOURCES: dict[str, Callable[[Path], tuple[str, OpenOptions]]] = {
     "hf-bin": _hf_bin,
     "torch-file": _torch_file,
     "deepspeed": _deepspeed,
+    "peft-adapter": _peft_adapter,
     "dcp": _dcp,
     "fsdp-ranks": _fsdp_ranks,
     "tp-ranks": _tp_ranks,

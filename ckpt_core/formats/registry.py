@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from types import MappingProxyType
 
 from ckpt_core.errors import FormatError
-from ckpt_core.formats import dcp, deepspeed, fsdp_ranks, hf, torch_file, tp_ranks
+from ckpt_core.formats import dcp, deepspeed, fsdp_ranks, hf, peft_adapter, torch_file, tp_ranks
 from ckpt_core.formats.protocol import Format, OpenOptions, Reader
 from ckpt_core.io.storage import Location
 
@@ -32,6 +32,7 @@ FORMATS = table(
         dcp.FORMAT,
         tp_ranks.FORMAT,
         fsdp_ranks.FORMAT,
+        peft_adapter.FORMAT,
         hf.FORMAT,
         torch_file.FORMAT,
     )

@@ -12,6 +12,7 @@ from typing import Any
 
 from ckpt_core import __version__
 from ckpt_core.dtypes import TargetDtype
+from ckpt_core.formats.peft_adapter import LoraMode
 from ckpt_core.formats.protocol import OpenOptions
 from ckpt_core.pipeline import manifest
 from ckpt_core.pipeline.assets import AssetSource
@@ -39,6 +40,7 @@ class ConvertOptions:
     open_options: OpenOptions = field(default_factory=OpenOptions)
     format: str | None = None  # force a format instead of detecting it
     cache_dir: str | None = None  # stage a remote source here first (else: ranged reads)
+    lora: LoraMode = "fuse"  # a LoRA adapter: fused into --base, or kept as an adapter dir
 
     def recorded(self) -> dict[str, Any]:
         """The options as the manifest records them."""
@@ -62,6 +64,7 @@ class ConvertFlags:
     allow_missing: Sequence[str] | None = None
     format: str | None = None
     cache_dir: str | None = None
+    lora: LoraMode = "fuse"
 
     def options(self) -> ConvertOptions:
         """The pipeline's options (the size parsed here, once)."""
@@ -78,6 +81,7 @@ class ConvertFlags:
             ),
             format=self.format,
             cache_dir=self.cache_dir,
+            lora=self.lora,
         )
 
 

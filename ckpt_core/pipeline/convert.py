@@ -14,6 +14,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ from ckpt_core.io.stage import remote_stamp, stage_source
 from ckpt_core.io.storage import Location
 from ckpt_core.pipeline import manifest
 from ckpt_core.pipeline.conversion import ConversionPlan, ConvertOptions, ConvertResult
+from ckpt_core.pipeline.lora import output_files
 from ckpt_core.pipeline.plan import SAFETENSORS_INDEX, index_json, plan_shards
 from ckpt_core.pipeline.publish import (
     check_destination,
@@ -120,6 +122,9 @@ def plan_conversion(src_url: str, dst_url: str, options: ConvertOptions) -> Conv
         refuse_inside(dst, Location(options.base), "base model")
     read_url = stage_source(src_url, options.cache_dir) if options.cache_dir else src_url
     reader, opened = open_source(read_url, options)
+    files = output_files(reader, opened)
+    if not files.is_model:  # --lora keep: an adapter directory, no model rules apply
+        opened = replace(opened, config=None)
     config = opened.config
     index = dict(reader.index())
     if not index:
@@ -133,7 +138,7 @@ def plan_conversion(src_url: str, dst_url: str, options: ConvertOptions) -> Conv
     def out_bytes(name: str) -> int:
         return index[name].numel * itemsize(out[name])
 
-    shards = plan_shards(list(out), out_bytes, options.max_shard_bytes)
+    shards = plan_shards(list(out), out_bytes, files.max_shard_bytes, files.pattern)
     facts = reader.facts()
     source = {
         "url": src_url,
@@ -145,7 +150,7 @@ def plan_conversion(src_url: str, dst_url: str, options: ConvertOptions) -> Conv
     done = check_destination(dst, manifest.identity(source, options.recorded()), options.overwrite)
     warnings = (
         ()
-        if config
+        if config or not files.is_model
         else (
             "no config.json in the source or --base: the output holds weights, index and manifest only; "
             "pass --base DIR (the HF model the checkpoint was trained from) to add config and tokenizer",
@@ -158,7 +163,7 @@ def plan_conversion(src_url: str, dst_url: str, options: ConvertOptions) -> Conv
         target,
         tuple(shards),
         {n: str(d).removeprefix("torch.") for n, d in out.items()},
-        opened.assets,
+        files.assets,
         tuple(sorted(dropped)),
         source,
         warnings,
