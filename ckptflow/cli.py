@@ -80,6 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--lora", default="fuse", choices=["fuse", "keep"],
         help="a PEFT LoRA adapter: fuse it into --base (default), or keep it as an adapter dir",
     )  # fmt: skip
+    convert.add_argument(
+        "--strip-prefix", action="append", metavar="PREFIX",
+        help="strip this prefix from tensor names (repeatable; `module.` and `_orig_mod.` are "
+        "stripped without it when that makes every name the model's)",
+    )  # fmt: skip
+    convert.add_argument(
+        "--latest", action="store_true",
+        help="SRC holds checkpoint-N directories (a Trainer output_dir): convert the newest",
+    )  # fmt: skip
     convert.add_argument("--format", help="force a format instead of detecting it")
     convert.add_argument("--workers", type=int, default=2, help="shards written in parallel")
     convert.add_argument(
@@ -143,6 +152,7 @@ def run_detect(args: argparse.Namespace) -> int:
 def run_convert(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
+    from ckpt_core.pipeline.checkpoints import resolve_checkpoint
     from ckpt_core.pipeline.conversion import ConvertFlags, options_from
 
     # The flow's parameters and options_from's are the same flags, passed by name.
@@ -155,8 +165,9 @@ def run_convert(args: argparse.Namespace) -> int:
         print(json.dumps(outcome))
         return 0
     options = options_from(**flags)
+    src = resolve_checkpoint(args.src, latest=args.latest)
     return convert_in_process(
-        args.src, args.dst, options, workers=args.workers, wait_seconds=args.wait_for_lock
+        src, args.dst, options, workers=args.workers, wait_seconds=args.wait_for_lock
     )
 
 

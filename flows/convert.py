@@ -12,6 +12,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from ckpt_core.dtypes import TargetDtype
 from ckpt_core.formats.peft_adapter import LoraMode
+from ckpt_core.pipeline.checkpoints import resolve_checkpoint
 from ckpt_core.pipeline.conversion import ConvertFlags
 from ckpt_core.pipeline.convert import report
 from ckpt_core.pipeline.run import conversion_run
@@ -26,6 +27,8 @@ def convert_flow(
     dtype: TargetDtype = "bf16",
     max_shard_size: str = "5GB",
     base: str | None = None,
+    strip_prefix: list[str] | None = None,
+    latest: bool = False,
     overwrite: bool = False,
     tag: str | None = None,
     exclude_frozen: bool = False,
@@ -42,6 +45,8 @@ def convert_flow(
         dtype=dtype,
         max_shard_size=max_shard_size,
         base=base,
+        strip_prefix=strip_prefix,
+        latest=latest,
         overwrite=overwrite,
         tag=tag,
         exclude_frozen=exclude_frozen,
@@ -50,6 +55,7 @@ def convert_flow(
         cache_dir=cache_dir,
         lora=lora,
     )
+    src = resolve_checkpoint(src, latest=latest)  # the manifest names the checkpoint converted
     conversion = steps.plan(src, dst, flags.options())
     # The flow run holds the destination from start to publish; tasks may run anywhere.
     with conversion_run(conversion, wait_seconds=wait_seconds) as needed:

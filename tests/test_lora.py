@@ -13,6 +13,8 @@ from safetensors.torch import load_file
 
 from ckpt_core.formats.registry import detect
 from ckptflow.cli import main
+from tests.fixtures.gen_lora_deepspeed import SEED as TRAINED_SEED
+from tests.fixtures.lora_cache import lora_deepspeed_fixture
 from tests.fixtures.tiny import build_tiny_qwen2
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -169,3 +171,32 @@ def test_refusals(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     build_tiny_qwen2(seed=5, hidden_size=32, intermediate_size=64).save_pretrained(other)
     err = _refused(tmp_path, capsys, adapter, "--base", str(other))
     assert "is --base the model" in err
+
+
+def test_trainer_deepspeed_checkpoint_fused_equals_merge_and_unload(tmp_path: Path) -> None:
+    """Trainer + DeepSpeed ZeRO-2 + PEFT: the adapter from the fp32 masters, the names with
+    `.default` and `modules_to_save.default`, adapter_config.json beside `global_step2/`."""
+    fixture = lora_deepspeed_fixture()
+    checkpoint, base = fixture / "run" / "checkpoint-2", fixture / "base"
+    truth = load_file(fixture / "truth.safetensors")
+    assert detect(str(checkpoint)).name == "deepspeed"
+    out = tmp_path / "out"
+    assert _convert(checkpoint, out, "--base", str(base)) == 0
+    assert not (out / "adapter_config.json").exists()
+    _load_strict(out, truth)
+    before = load_file(base / "model.safetensors")
+    assert sum(not torch.equal(before[n], truth[n]) for n in truth) == 9  # 8 modules + lm_head
+
+
+def test_trainer_deepspeed_checkpoint_kept_loads_in_peft(tmp_path: Path) -> None:
+    from peft import PeftModel
+
+    fixture = lora_deepspeed_fixture()
+    out = tmp_path / "kept"
+    assert _convert(fixture / "run" / "checkpoint-2", out, "--lora", "keep") == 0
+    names = set(load_file(out / "adapter_model.safetensors"))
+    assert "base_model.model.lm_head.weight" in names and not any(".default" in n for n in names)
+    model = PeftModel.from_pretrained(build_tiny_qwen2(seed=TRAINED_SEED), out)
+    state = model.merge_and_unload().state_dict()
+    for name, value in load_file(fixture / "truth.safetensors").items():
+        assert torch.equal(state[name], value), name

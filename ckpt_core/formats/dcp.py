@@ -22,11 +22,12 @@ from ckpt_core.errors import FormatError
 from ckpt_core.formats.protocol import OpenOptions, Reader, SourceFacts, TensorInfo, lookup
 from ckpt_core.formats.torchzip import LazyTensor, LazyTorchFile
 from ckpt_core.formats.unpickle import DCP_CLASSES, DCP_METADATA, Recorded, restricted_load
-from ckpt_core.io.storage import Location, safe_relative
+from ckpt_core.io.storage import Location, safe_relative, split_url
 
 __all__ = [
     "FORMAT",
     "METADATA",
+    "TRAINER_KEYS",
     "Box",
     "DcpFormat",
     "DcpReader",
@@ -36,6 +37,29 @@ __all__ = [
 ]
 
 METADATA = ".metadata"
+# Top-level entries trainers save beside the model (torchtitan's CheckpointManager, accelerate,
+# torch's own examples): not weights, so never converted.
+TRAINER_KEYS = frozenset(
+    {
+        "optimizer",
+        "optimizers",
+        "optim",
+        "train_state",
+        "lr_scheduler",
+        "lr_schedulers",
+        "scheduler",
+        "dataloader",
+        "rng",
+        "rng_state",
+    }
+)
+# Model checkpoint directories accelerate writes beside `optimizer_0/`.
+MODEL_DIRS = ("pytorch_model_fsdp",)
+
+
+def _trainer_state(path: tuple[str, ...]) -> bool:
+    """An entry nested under a trainer's top-level key (not a model tensor named like one)."""
+    return len(path) > 1 and path[0] in TRAINER_KEYS
 
 
 # -- boxes: which part of a tensor a chunk or a rank piece covers -----------------------------
@@ -166,7 +190,9 @@ class DcpReader:
         return found
 
     def _names(self, fqns: list[str], planner: Mapping[str, Any]) -> dict[str, str]:
-        """Checkpoint fqn -> reported name: the single top-level key (`model`) is stripped."""
+        """Checkpoint fqn -> reported name. A trainer's own state beside the model (torchtitan,
+        accelerate: `optimizer`, `train_state`, ...) is left out; then a single top-level key
+        (`model`) is stripped."""
 
         def path_of(fqn: str) -> tuple[str, ...]:
             path = planner.get(fqn)
@@ -175,7 +201,17 @@ class DcpReader:
             head, _, rest = fqn.partition(".")
             return (head, rest) if rest else (head,)
 
-        paths = {fqn: path_of(fqn) for fqn in fqns}
+        every = {fqn: path_of(fqn) for fqn in fqns}
+        paths = {f: p for f, p in every.items() if not _trainer_state(p)}
+        left_out = sorted({p[0] for f, p in every.items() if f not in paths})
+        if left_out:
+            counts = {top: sum(1 for p in every.values() if p[0] == top) for top in left_out}
+            if not paths:
+                raise FormatError(self._not_a_model(counts))
+            self._notes.append(
+                "left out the trainer's own state (not model weights): "
+                + ", ".join(f"{top!r} ({n} entries)" for top, n in counts.items())
+            )
         tops = sorted({p[0] for p in paths.values()})
         if len(tops) == 1 and all(len(p) > 1 for p in paths.values()):
             self._notes.append(f"stripped the single top-level key {tops[0]!r} from every name")
@@ -188,7 +224,26 @@ class DcpReader:
             return {
                 fqn: ".".join(p[1:]) for fqn, p in paths.items() if p[0] == "model" and len(p) > 1
             }
-        return {fqn: fqn for fqn in fqns}
+        return {fqn: fqn for fqn in paths}
+
+    def _not_a_model(self, counts: Mapping[str, int]) -> str:
+        """Refusal of a DCP directory holding only trainer state (accelerate's `optimizer_0/`),
+        naming the model checkpoint beside it when there is one."""
+        what = ", ".join(f"{top!r} ({n} entries)" for top, n in counts.items())
+        parent, name = split_url(self.root.url)
+        try:
+            siblings = [s for s in Location(parent).listdir() if s.startswith(MODEL_DIRS)]
+        except OSError:
+            siblings = []
+        hint = (
+            f"convert the model checkpoint beside it instead: {Location(parent).file(siblings[0])}"
+            if siblings
+            else "point ckptflow at the model's checkpoint directory"
+        )
+        return (
+            f"{self.root.file(METADATA)}: {name} holds only {what}: this is optimizer/trainer "
+            f"state, not a model; {hint}"
+        )
 
     def _entry(
         self,

@@ -71,9 +71,17 @@ class DeepSpeedReader:
 
     def _build(self) -> None:
         names = self.root.child(self._tag_dir).listdir() if self._tag_dir else self.root.listdir()
+        if not any(OPTIM_RE.match(n) for n in names):
+            self._build_stage0(names, "no ZeRO optimizer partitions (*_optim_states.pt)")
+            return
         optim = self._rank_files(names, OPTIM_RE, "optimizer partition (*_optim_states.pt)")
         first = _lazy(self.root, self._rel(optim[min(optim)]))
         osd = first.obj.get("optimizer_state_dict") if isinstance(first.obj, dict) else None
+        if (not isinstance(osd, dict) or "zero_stage" not in osd) and self._configured_stage(
+            names
+        ) == 0:
+            self._build_stage0(names, f"{optim[min(optim)]} is not a ZeRO partition")
+            return
         if not isinstance(osd, dict) or "zero_stage" not in osd:
             raise FormatError(
                 f"{first.where}: not a ZeRO optimizer partition (no optimizer_state_dict.zero_stage); "
@@ -122,6 +130,53 @@ class DeepSpeedReader:
             "parameters are the fp32 master weights from the optimizer partitions "
             "(as zero_to_fp32 rebuilds them); frozen parameters and buffers keep their stored dtype",
         ]
+
+    def _configured_stage(self, names: list[str]) -> int | None:
+        """The ZeRO stage `ds_config` in mp_rank_00_model_states.pt names (None if it says none)."""
+        model = self._rank_files(names, MODEL_RE, "model states (*_model_states.pt)")
+        state = _lazy(self.root, self._rel(model[min(model)])).obj
+        config = state.get("ds_config") if isinstance(state, dict) else None
+        zero = config.get("zero_optimization") if isinstance(config, dict) else None
+        stage = zero.get("stage", 0) if isinstance(zero, dict) else 0 if config else None
+        return stage if isinstance(stage, int) else None
+
+    def _build_stage0(self, names: list[str], why: str) -> None:
+        """No ZeRO (stage 0, bf16/fp16): `module` in mp_rank_00_model_states.pt holds every
+        weight in full, in the 16-bit training dtype."""
+        model = self._rank_files(names, MODEL_RE, "model states (*_model_states.pt)")
+        where = f"{self._where}/{model[min(model)]}"
+        stage = self._configured_stage(names)
+        if set(model) != {0} or stage not in (0, None):
+            raise FormatError(
+                f"{where}: a ZeRO stage {stage} checkpoint ({len(model)} model states files) "
+                f"but {why}: the optimizer partitions that hold its weights are missing; "
+                "use a complete checkpoint"
+            )
+        state = _lazy(self.root, self._rel(model[0])).obj
+        module = state.get("module") if isinstance(state, dict) else None
+        if not isinstance(module, dict) or state.get("param_shapes"):
+            raise FormatError(
+                f"{where}: {why}, and no full `module` state dict without ZeRO param_shapes: "
+                "not a DeepSpeed stage 0 checkpoint ckptflow can read"
+            )
+        self.stage, self.world = 0, int(state.get("dp_world_size") or 1)
+        self._files = [self._rel(model[0])]
+        self._entries = {
+            str(name): _Entry(
+                "module", TensorInfo(str(name), value.dtype, value.shape), None, (value,)
+            )
+            for name, value in module.items()
+            if isinstance(value, LazyTensor)
+        }
+        if not self._entries:
+            raise FormatError(f"{where}: `module` holds no tensors")
+        skipped = sorted(str(n) for n, v in module.items() if not isinstance(v, LazyTensor))
+        self._notes += [
+            f"DeepSpeed without ZeRO (stage 0), tag {self.tag}, data-parallel world size "
+            f"{self.world}, written by deepspeed {state.get('ds_version', '?')}: {why}",
+            "weights are the module's own, in its training dtype, from "
+            f"{model[0]}['module'] (fp32 master copies in the optimizer state are not read)",
+        ] + ([f"ignored non-tensor module entries: {clip(skipped)}"] if skipped else [])
 
     def _rank_files(self, names: list[str], pattern: Any, what: str) -> dict[int, str]:
         found: dict[int, str] = {}

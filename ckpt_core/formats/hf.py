@@ -14,7 +14,7 @@ from ckpt_core.errors import FormatError, clip
 from ckpt_core.formats.protocol import OpenOptions, SourceFacts, TensorInfo, lookup
 from ckpt_core.formats.safetensors_header import Entry, read_elements, read_header, read_tensor
 from ckpt_core.formats.torchzip import LazyTensor, LazyTorchFile, iter_tensors
-from ckpt_core.io.storage import Location, safe_relative
+from ckpt_core.io.storage import Location, safe_relative, split_url
 
 __all__ = [
     "BIN_INDEX",
@@ -25,6 +25,7 @@ __all__ = [
     "LAYOUTS",
     "SAFETENSORS_INDEX",
     "SAFETENSORS_SINGLE",
+    "SAFETENSORS_SUFFIX",
     "StoredTensor",
     "read_weight_map",
 ]
@@ -33,6 +34,7 @@ SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_SINGLE = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
+SAFETENSORS_SUFFIX = ".safetensors"
 
 
 def read_weight_map(root: Location, index_name: str) -> dict[str, str]:
@@ -148,10 +150,22 @@ class HFReader:
         return [self.root]
 
 
+def _refuse_unfinished(root: Location) -> None:
+    """ckptflow's own output is only complete with its marker (written last)."""
+    names = set(root.listdir())
+    if names & {"manifest.json", ".ckptflow-incomplete"} and "_SUCCESS" not in names:
+        raise FormatError(
+            f"{root.url}: an unfinished ckptflow output (no _SUCCESS marker): a conversion "
+            "to it died or is still running; run that conversion again to finish it"
+        )
+
+
 class HFFormat:
     name = "hf"
 
     def detect(self, root: Location) -> bool:
+        if root.url.rstrip("/").endswith(SAFETENSORS_SUFFIX) and not root.isdir():
+            return root.exists()  # one lone safetensors file, whatever its name
         names = set(root.listdir())
         # An unfinished ckptflow output is claimed too, so that open() says what it is.
         markers = {
@@ -164,13 +178,16 @@ class HFFormat:
         return bool(names & markers)
 
     def open(self, root: Location, options: OpenOptions) -> HFReader:
+        if root.url.rstrip("/").endswith(SAFETENSORS_SUFFIX) and not root.isdir():
+            # The file alone: read from the directory it is in (a config.json there is found
+            # as for a model directory), its tensors only, no index.
+            parent, name = split_url(root.url.rstrip("/"))
+            if not root.exists():
+                raise FormatError(f"{root.url}: no such file")
+            _refuse_unfinished(Location(parent))
+            return HFReader(Location(parent), [name], _safetensors, "safetensors-file", "")
+        _refuse_unfinished(root)
         names = set(root.listdir())
-        if names & {"manifest.json", ".ckptflow-incomplete"} and "_SUCCESS" not in names:
-            # ckptflow's own output is only complete with its marker (written last).
-            raise FormatError(
-                f"{root.url}: an unfinished ckptflow output (no _SUCCESS marker): a conversion "
-                "to it died or is still running; run that conversion again to finish it"
-            )
         for single, index_name, tensors_of, kind in LAYOUTS:
             if index_name in names:
                 weight_map = read_weight_map(root, index_name)

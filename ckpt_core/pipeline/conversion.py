@@ -36,6 +36,7 @@ class ConvertOptions:
     dtype: TargetDtype = "bf16"
     max_shard_bytes: int = 5 * 10**9
     base: str | None = None  # HF model dir to take config/tokenizer from when the source has none
+    strip_prefix: tuple[str, ...] = ()  # name prefixes to strip (DDP `module.`), see prefixes.py
     overwrite: bool = False
     open_options: OpenOptions = field(default_factory=OpenOptions)
     format: str | None = None  # force a format instead of detecting it
@@ -58,6 +59,8 @@ class ConvertFlags:
     dtype: TargetDtype = "bf16"
     max_shard_size: str = "5GB"
     base: str | None = None
+    strip_prefix: Sequence[str] | None = None
+    latest: bool = False  # SRC holds checkpoint-N dirs: convert the newest (resolved at the edge)
     overwrite: bool = False
     tag: str | None = None
     exclude_frozen: bool = False
@@ -72,6 +75,7 @@ class ConvertFlags:
             dtype=self.dtype,
             max_shard_bytes=parse_size_bytes(self.max_shard_size),
             base=self.base,
+            strip_prefix=tuple(self.strip_prefix or ()),
             overwrite=self.overwrite,
             open_options=OpenOptions(
                 tag=self.tag,

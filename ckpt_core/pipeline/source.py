@@ -15,7 +15,7 @@ from typing import Any
 from ckpt_core.formats.protocol import Reader
 from ckpt_core.formats.registry import detect, get_format
 from ckpt_core.io.storage import Location
-from ckpt_core.pipeline import lora
+from ckpt_core.pipeline import lora, prefixes
 from ckpt_core.pipeline.assets import AssetSource, find_assets, read_config
 from ckpt_core.pipeline.conversion import ConvertOptions
 
@@ -38,7 +38,7 @@ Transform = Callable[[Reader, Source], Reader]
 
 # In order. Each is a pure function of the reader and the source: applied again by a worker,
 # it gives the same reader.
-TRANSFORMS: Sequence[Transform] = (lora.lora_transform,)
+TRANSFORMS: Sequence[Transform] = (lora.lora_transform, prefixes.strip_prefixes)
 
 
 def open_source(
