@@ -52,9 +52,7 @@ def check_model(reader: Reader, source: Source, *, where: str) -> ModelCheck:
     drop = key_mismatches(index, layout, allow, where=where, config_at=config_at)
     for alias, kept in drop.items():
         _check_tied_equal(reader, index, alias, kept, where=where)
-    return ModelCheck(
-        tuple(sorted(drop)), f"keys checked against {layout.architecture} from {config_at}"
-    )
+    return ModelCheck(tuple(sorted(drop)), f"keys checked against {layout.architecture}")
 
 
 def key_mismatches(
