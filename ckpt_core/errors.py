@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __all__ = [
     "AdapterError",
+    "CastOverflowError",
     "CkptError",
     "ConfigError",
     "FormatError",
@@ -31,6 +32,10 @@ class CkptError(Exception):
 
 class UsageError(CkptError):
     """An option value ckptflow cannot use (a size, a dtype, an output format)."""
+
+
+class CastOverflowError(UsageError):
+    """A finite source value becomes inf in the chosen --dtype (fp32 above 65504 to fp16)."""
 
 
 class FormatError(CkptError):

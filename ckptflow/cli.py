@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from importlib import import_module
@@ -19,6 +20,7 @@ Handler = Callable[[argparse.Namespace], int]
 # Modules that add subcommands: each has add_parsers(subparsers); a missing one is skipped.
 PLUGINS = ("ckptflow.cli_vlm", "ckptflow.cli_resolve")
 DEMO_DIR = ".ckptflow-demo"
+EXIT_BROKEN_PIPE = 128 + 13  # what a tool killed by SIGPIPE exits with
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -36,13 +38,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         configure("s3", endpoint_url=args.s3_endpoint)
     try:
-        return handler(args)
+        code = handler(args)
+        sys.stdout.flush()  # a closed pipe fails here, not in the interpreter's flush at exit
+        return code
+    except BrokenPipeError:
+        return stdout_closed()
     except CkptError as e:
         print(f"ckptflow: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ckptflow: interrupted; nothing was published", file=sys.stderr)
         return 130
+
+
+def stdout_closed() -> int:
+    """Whoever read stdout is gone (`ckptflow detect SRC --json | head -1`): stop quietly, as
+    standard tools do, with 128 + SIGPIPE. stdout is pointed at devnull (the Python docs'
+    recipe for SIGPIPE) so that the interpreter's last flush cannot fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return EXIT_BROKEN_PIPE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument(
         "--latest", action="store_true",
         help="SRC holds checkpoint-N directories (a Trainer output_dir): convert the newest",
+    )  # fmt: skip
+    convert.add_argument(
+        "--allow-overflow", action="store_true",
+        help="write finite values the --dtype cannot hold as inf (default: fail naming the tensor)",
     )  # fmt: skip
     convert.add_argument("--format", help="force a format instead of detecting it")
     convert.add_argument("--workers", type=int, default=2, help="shards written in parallel")

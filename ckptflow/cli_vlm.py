@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import asdict
 from typing import Any
 
@@ -123,6 +124,17 @@ def run_pipeline(args: argparse.Namespace) -> int:
 def run_tiny_train(args: argparse.Namespace) -> int:
     from ckpt_core.vlm.tiny_trainer import train
 
-    result = train(args.split_dir, args.output_dir, args.parallel_size, steps=args.steps)
+    def progress(step: int, steps: int, loss: float) -> None:
+        print(f"tiny-train: step {step}/{steps}: loss {loss:.4f}", file=sys.stderr, flush=True)
+
+    print(
+        f"tiny-train: {args.split_dir} -> {args.output_dir}, {args.parallel_size} ranks, "
+        f"{args.steps} steps",
+        file=sys.stderr,
+        flush=True,
+    )
+    result = train(
+        args.split_dir, args.output_dir, args.parallel_size, steps=args.steps, on_step=progress
+    )
     print(json.dumps(asdict(result)))
     return 0

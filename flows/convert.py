@@ -35,6 +35,7 @@ def convert_flow(
     allow_missing: list[str] | None = None,
     format: str | None = None,
     cache_dir: str | None = None,
+    allow_overflow: bool = False,
     lora: LoraMode = "fuse",
     wait_seconds: float | None = None,
 ) -> dict[str, Any]:
@@ -53,6 +54,7 @@ def convert_flow(
         allow_missing=allow_missing,
         format=format,
         cache_dir=cache_dir,
+        allow_overflow=allow_overflow,
         lora=lora,
     )
     src = resolve_checkpoint(src, latest=latest)  # the manifest names the checkpoint converted
@@ -72,7 +74,8 @@ def convert_flow(
         steps.report_artifact(conversion, verified)
         result = steps.publish(conversion, files, verified)
     print(f"{result.message}\n{verified.text()}")
-    return {"dst": dst, "published": True, "tensors": verified.tensors, "files": len(result.files)}
+    # `files` as the report counts them: the files manifest.json lists (itself not included)
+    return {"dst": dst, "published": True, "tensors": verified.tensors, "files": verified.files}
 
 
 def convert_flow_with(workers: int) -> Flow[..., dict[str, Any]]:

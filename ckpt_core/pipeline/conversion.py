@@ -41,6 +41,7 @@ class ConvertOptions:
     open_options: OpenOptions = field(default_factory=OpenOptions)
     format: str | None = None  # force a format instead of detecting it
     cache_dir: str | None = None  # stage a remote source here first (else: ranged reads)
+    allow_overflow: bool = False  # write finite values the dtype cannot hold as inf
     lora: LoraMode = "fuse"  # a LoRA adapter: fused into --base, or kept as an adapter dir
 
     def recorded(self) -> dict[str, Any]:
@@ -67,6 +68,7 @@ class ConvertFlags:
     allow_missing: Sequence[str] | None = None
     format: str | None = None
     cache_dir: str | None = None
+    allow_overflow: bool = False
     lora: LoraMode = "fuse"
 
     def options(self) -> ConvertOptions:
@@ -85,6 +87,7 @@ class ConvertFlags:
             ),
             format=self.format,
             cache_dir=self.cache_dir,
+            allow_overflow=self.allow_overflow,
             lora=self.lora,
         )
 
@@ -108,6 +111,7 @@ class ConversionPlan:
     warnings: tuple[str, ...]
     already_done: bool
     read_url: str = ""  # where readers open it: a --cache-dir copy, else src_url
+    left_out: tuple[str, ...] = ()  # --exclude-frozen: what the output lacks (see partial.py)
 
     @property
     def reader_url(self) -> str:

@@ -29,6 +29,7 @@ from ckpt_core.io.storage import Location
 from ckpt_core.pipeline import manifest
 from ckpt_core.pipeline.conversion import ConversionPlan, ConvertOptions, ConvertResult
 from ckpt_core.pipeline.lora import output_files
+from ckpt_core.pipeline.partial import left_out_names
 from ckpt_core.pipeline.plan import SAFETENSORS_INDEX, index_json, plan_shards
 from ckpt_core.pipeline.publish import (
     check_destination,
@@ -169,6 +170,7 @@ def plan_conversion(src_url: str, dst_url: str, options: ConvertOptions) -> Conv
         warnings,
         done,
         read_url,
+        left_out=left_out_names(read_url, options, opened.format, index),
     )
     _remember(_reader_key(plan), reader)
     return plan
@@ -187,9 +189,12 @@ def _tied_names(
 _TEST_DELAY_ENV = "CKPTFLOW_TEST_DELAY_PER_TENSOR_SECONDS"
 
 
-def _chunks(plan: ConversionPlan) -> Callable[[str], Iterator[torch.Tensor]]:
+def _chunks(
+    plan: ConversionPlan, *, check_overflow: bool = False
+) -> Callable[[str], Iterator[torch.Tensor]]:
     """Source tensors as bounded flat chunks, cast to their output dtype, in reused buffers
-    (one stream: the writer's or the verifier's prefetch loop)."""
+    (one stream: the writer's or the verifier's prefetch loop). Only the writer checks casts
+    for overflow (`check_overflow`): the verifier re-casts what the writer already let through."""
     release_freed_memory()  # every process that writes or verifies: CLI, flow workers, benches
     reader = reader_for(plan)
     index = reader.index()
@@ -200,7 +205,11 @@ def _chunks(plan: ConversionPlan) -> Callable[[str], Iterator[torch.Tensor]]:
         if delay:
             time.sleep(delay)
         return source_chunks(
-            reader, index[name], getattr(torch, plan.dtypes[name]), buffers=buffers
+            reader,
+            index[name],
+            getattr(torch, plan.dtypes[name]),
+            buffers=buffers,
+            check_overflow=check_overflow,
         )
 
     return chunks
@@ -222,7 +231,8 @@ def write_shard(
 
     def attempt() -> FileRecord:
         ensure_unfinished(plan.target)
-        return write_safetensors(work, shard.filename, layout, _chunks(plan), on_bytes)
+        chunks = _chunks(plan, check_overflow=not plan.options.allow_overflow)
+        return write_safetensors(work, shard.filename, layout, chunks, on_bytes)
 
     record = retry.call(work.file(shard.filename), attempt)
     ensure_unfinished(plan.target)
@@ -253,7 +263,7 @@ def verify_one(
 
 def report(plan: ConversionPlan, checks: Sequence[ShardCheck], other_files: int) -> Report:
     notes = list(plan.source["notes"]) + list(plan.warnings)
-    return combine(checks, other_files, plan.dropped, notes)
+    return combine(checks, other_files, plan.dropped, notes, left_out=plan.left_out)
 
 
 def publish(plan: ConversionPlan, files: Sequence[FileRecord], result: Report) -> ConvertResult:
@@ -274,7 +284,11 @@ def publish(plan: ConversionPlan, files: Sequence[FileRecord], result: Report) -
         "tensor_bytes": result.tensor_bytes,
         "dtypes": result.dtypes,
         "dropped": list(result.dropped),
+        "partial": bool(result.left_out),  # --exclude-frozen: not loadable as the model alone
     }
+    if result.left_out:
+        summary["left_out"] = len(result.left_out)
+        summary["left_out_names"] = list(result.left_out)
     data = manifest.build(plan.source, plan.options.recorded(), files, summary)
     record = write_bytes(Location(plan.target.work_url), manifest.MANIFEST, data)
     finalize(plan.target, (*files, record))

@@ -20,6 +20,7 @@ import torch
 
 from ckpt_core.dtypes import itemsize
 from ckpt_core.formats.protocol import Reader, TensorInfo
+from ckpt_core.pipeline.casts import check_cast, narrows_range
 
 __all__ = [
     "CHUNK_BYTES",
@@ -90,18 +91,26 @@ def source_chunks(
     out_dtype: torch.dtype,
     chunk_bytes: int | None = None,
     buffers: ChunkBuffers | None = None,
+    *,
+    check_overflow: bool = False,
 ) -> Iterator[torch.Tensor]:
     """A tensor as flat chunks in `out_dtype`, spans as `chunk_spans` on the wider of the two
-    dtypes; with `buffers`, every chunk lives in one of them (see ChunkBuffers for how long)."""
+    dtypes; with `buffers`, every chunk lives in one of them (see ChunkBuffers for how long).
+    `check_overflow`: a finite value that the cast makes inf raises `CastOverflowError`."""
     widest = info.dtype if itemsize(info.dtype) >= itemsize(out_dtype) else out_dtype
     spans = chunk_spans(info.numel, widest, chunk_bytes or CHUNK_BYTES)
+    check = check_overflow and narrows_range(info.dtype, out_dtype)
 
     def cast(chunk: torch.Tensor) -> torch.Tensor:
         if chunk.dtype == out_dtype:
             return chunk
         if buffers is None:
-            return chunk.to(out_dtype)
-        return buffers.take(chunk.numel(), out_dtype).copy_(chunk)
+            out = chunk.to(out_dtype)
+        else:
+            out = buffers.take(chunk.numel(), out_dtype).copy_(chunk)
+        if check:
+            check_cast(info.name, chunk, out)
+        return out
 
     if info.numel and isinstance(reader, RangeReader):
         for start, count in spans:

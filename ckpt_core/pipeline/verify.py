@@ -38,17 +38,29 @@ class ShardCheck(Tally):
 
 @dataclass(frozen=True)
 class Report(Tally):
-    files: int = 0
+    files: int = 0  # what manifest.json lists: shards, index, assets (not itself, not _SUCCESS)
     dropped: tuple[str, ...] = ()
     notes: tuple[str, ...] = field(default_factory=tuple)
+    left_out: tuple[str, ...] = ()  # a partial output (--exclude-frozen): what it lacks
 
     @property
     def ok(self) -> bool:
         return not self.mismatches
 
+    @property
+    def verdict(self) -> str:
+        if not self.ok:
+            return "FAILED"
+        if self.left_out:  # identical, but not the model: never "OK"
+            return (
+                f"PARTIAL: frozen parameters left out ({len(self.left_out)} tensors); not "
+                "loadable as the model on its own; the rest identical to the source"
+            )
+        return "OK: identical to the source"
+
     def rows(self) -> list[dict[str, str]]:
         rows = [
-            {"item": "verdict", "value": "OK: identical to the source" if self.ok else "FAILED"},
+            {"item": "verdict", "value": self.verdict},
             {"item": "files", "value": str(self.files)},
             {"item": "tensors", "value": str(self.tensors)},
             {
@@ -135,7 +147,12 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def combine(
-    checks: Sequence[ShardCheck], extra_files: int, dropped: Sequence[str], notes: Sequence[str]
+    checks: Sequence[ShardCheck],
+    extra_files: int,
+    dropped: Sequence[str],
+    notes: Sequence[str],
+    *,
+    left_out: Sequence[str] = (),
 ) -> Report:
     dtypes: Counter[str] = Counter()
     for check in checks:
@@ -148,4 +165,5 @@ def combine(
         mismatches=tuple(m for c in checks for m in c.mismatches),
         dropped=tuple(dropped),
         notes=tuple(notes),
+        left_out=tuple(left_out),
     )

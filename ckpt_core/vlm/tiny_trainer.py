@@ -17,6 +17,7 @@ import json
 import os
 import shlex
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,9 +30,11 @@ from ckpt_core.formats.torchzip import LazyTorchFile, iter_tensors
 from ckpt_core.io.storage import Location
 from ckpt_core.vlm.split import SPLIT_METADATA
 
-__all__ = ["METADATA", "TrainResult", "load_split", "run_train_command", "train"]
+__all__ = ["METADATA", "OnStep", "TrainResult", "load_split", "run_train_command", "train"]
 
 METADATA = "metadata.json"
+# Called after each optimisation step with (step, steps, loss), step counting from 1.
+OnStep = Callable[[int, int, float], None]
 
 
 @dataclass
@@ -75,6 +78,7 @@ def train(
     steps: int = 2,
     lr: float = 1e-3,
     seed: int = 0,
+    on_step: OnStep | None = None,
 ) -> TrainResult:
     if parallel_size < 1:
         raise FormatError(f"parallel size must be >= 1, got {parallel_size}")
@@ -91,7 +95,7 @@ def train(
     }
     losses: list[float] = []
     if steps:
-        losses = _optimise(family, config, ranks, vocab, size, steps, lr, seed)
+        losses = _optimise(family, config, ranks, vocab, size, steps, lr, seed, on_step)
 
     out = Location(output_url)
     files: list[str] = []
@@ -125,6 +129,7 @@ def _optimise(
     steps: int,
     lr: float,
     seed: int,
+    on_step: OnStep | None = None,
 ) -> list[float]:
     model = _build_model(family, config)
     params = dict(model.named_parameters())  # tied weights appear once
@@ -163,6 +168,8 @@ def _optimise(
         for _, optimiser in optimisers:
             optimiser.step()
             optimiser.zero_grad()
+        if on_step:
+            on_step(step + 1, steps, losses[-1])
     return losses
 
 
