@@ -190,7 +190,8 @@ class FusedReader:
             a, b = a.float(), b.float()
         _, scaling = self.config.rank_and_scaling(module.module)
         product = b @ a
-        delta = (product.T if self._transposed(module) else product) * scaling
+        # In place: the same multiply as PEFT's `* scaling`, without a second weight-sized buffer.
+        delta = (product.T if self._transposed(module) else product).mul_(scaling)
         if cast_to_fp32:
             delta = delta.to(dtype=dtype)
         if module.embedding:
