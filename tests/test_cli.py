@@ -80,7 +80,9 @@ def test_convert_prints_report(tmp_path: Path, capsys: pytest.CaptureFixture[str
     save_file({"w": torch.ones(3)}, str(src / "model.safetensors"), metadata={"format": "pt"})
     assert main(["convert", str(src), str(tmp_path / "dst"), "--max-shard-size", "200KB"]) == 0
     out = capsys.readouterr().out
-    assert "OK: identical to the source" in out and "BF16: 1" in out
+    # No config: identical to what was read, but never an "OK" on the model (issue 10).
+    assert "identical to the source" in out and "BF16: 1" in out
+    assert "keys not checked: no config" in out and "OK:" not in out
 
 
 def test_convert_rerun_prints_nothing_to_do(

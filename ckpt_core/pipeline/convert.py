@@ -15,20 +15,19 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from typing import Any
 
 import torch
 
 from ckpt_core.dtypes import itemsize, output_dtype, parse_target
 from ckpt_core.errors import FormatError, SourceChangedError, VerifyError
-from ckpt_core.families.model_config import head_to_drop, tie_word_embeddings
-from ckpt_core.formats.protocol import Reader, TensorInfo
+from ckpt_core.formats.protocol import Reader
 from ckpt_core.io import retry
 from ckpt_core.io.stage import remote_stamp, stage_source
 from ckpt_core.io.storage import Location
 from ckpt_core.pipeline import manifest
 from ckpt_core.pipeline.conversion import ConversionPlan, ConvertOptions, ConvertResult
 from ckpt_core.pipeline.lora import output_files
+from ckpt_core.pipeline.modelcheck import check_model
 from ckpt_core.pipeline.partial import left_out_names
 from ckpt_core.pipeline.plan import SAFETENSORS_INDEX, index_json, plan_shards
 from ckpt_core.pipeline.publish import (
@@ -130,7 +129,8 @@ def plan_conversion(src_url: str, dst_url: str, options: ConvertOptions) -> Conv
     index = dict(reader.index())
     if not index:
         raise FormatError(f"{src_url}: the checkpoint holds no tensors")
-    dropped = _tied_names(index, config, src_url)
+    checked = check_model(reader, opened, where=src_url)  # before anything is written
+    dropped = set(checked.dropped)
     target_dtype = parse_target(options.dtype)
     out = {
         n: output_dtype(info.dtype, target_dtype) for n, info in index.items() if n not in dropped
@@ -146,6 +146,7 @@ def plan_conversion(src_url: str, dst_url: str, options: ConvertOptions) -> Conv
         "format": opened.format,
         "fingerprint": source_fingerprint(reader, src_url, read_url),
         "notes": list(facts.notes),
+        "keys": checked.keys,
     }
     target = target_for(dst)
     done = check_destination(dst, manifest.identity(source, options.recorded()), options.overwrite)
@@ -174,15 +175,6 @@ def plan_conversion(src_url: str, dst_url: str, options: ConvertOptions) -> Conv
     )
     _remember(_reader_key(plan), reader)
     return plan
-
-
-def _tied_names(
-    index: dict[str, TensorInfo], config: dict[str, Any] | None, src_url: str
-) -> set[str]:
-    if config is None:
-        return set()
-    head = head_to_drop(index, tied=tie_word_embeddings(config), where=src_url)
-    return {head} if head else set()
 
 
 # Tests only: slows every tensor so that a test can kill a run at a chosen point.
@@ -263,7 +255,14 @@ def verify_one(
 
 def report(plan: ConversionPlan, checks: Sequence[ShardCheck], other_files: int) -> Report:
     notes = list(plan.source["notes"]) + list(plan.warnings)
-    return combine(checks, other_files, plan.dropped, notes, left_out=plan.left_out)
+    return combine(
+        checks,
+        other_files,
+        plan.dropped,
+        notes,
+        left_out=plan.left_out,
+        keys=plan.source.get("keys", ""),
+    )
 
 
 def publish(plan: ConversionPlan, files: Sequence[FileRecord], result: Report) -> ConvertResult:

@@ -18,6 +18,7 @@ from ckpt_core.io.storage import Location
 from ckpt_core.pipeline import lora, prefixes
 from ckpt_core.pipeline.assets import AssetSource, find_assets, read_config
 from ckpt_core.pipeline.conversion import ConvertOptions
+from ckpt_core.pipeline.save_layout import save_layout
 
 __all__ = ["TRANSFORMS", "Source", "Transform", "open_source"]
 
@@ -38,7 +39,11 @@ Transform = Callable[[Reader, Source], Reader]
 
 # In order. Each is a pure function of the reader and the source: applied again by a worker,
 # it gives the same reader.
-TRANSFORMS: Sequence[Transform] = (lora.lora_transform, prefixes.strip_prefixes)
+TRANSFORMS: Sequence[Transform] = (
+    lora.lora_transform,
+    prefixes.strip_prefixes,
+    save_layout,  # last: the names as save_pretrained writes them
+)
 
 
 def open_source(

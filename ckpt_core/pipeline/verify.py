@@ -42,6 +42,7 @@ class Report(Tally):
     dropped: tuple[str, ...] = ()
     notes: tuple[str, ...] = field(default_factory=tuple)
     left_out: tuple[str, ...] = ()  # a partial output (--exclude-frozen): what it lacks
+    keys: str = ""  # what was checked of the names and shapes (modelcheck says)
 
     @property
     def ok(self) -> bool:
@@ -55,6 +56,12 @@ class Report(Tally):
             return (
                 f"PARTIAL: frozen parameters left out ({len(self.left_out)} tensors); not "
                 "loadable as the model on its own; the rest identical to the source"
+            )
+        if self.keys.startswith("keys not checked"):
+            # Identical to what was read, and nothing more is known: not an "OK" on the model.
+            return (
+                f"UNCHECKED: identical to the source, but {self.keys} "
+                "(pass --base DIR to check the names and shapes against the model)"
             )
         return "OK: identical to the source"
 
@@ -153,6 +160,7 @@ def combine(
     notes: Sequence[str],
     *,
     left_out: Sequence[str] = (),
+    keys: str = "",
 ) -> Report:
     dtypes: Counter[str] = Counter()
     for check in checks:
@@ -166,4 +174,5 @@ def combine(
         dropped=tuple(dropped),
         notes=tuple(notes),
         left_out=tuple(left_out),
+        keys=keys,
     )
