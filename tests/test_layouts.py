@@ -129,19 +129,11 @@ def test_deepspeed_stage0_named_zero_without_partitions_is_refused(
 
 
 # -- DDP and torch.compile prefixes ----------------------------------------------------------
-# torch-file checks keys against the config when it opens the file, before any transform:
-# until that check moves after the transforms (pipeline/modelcheck.py), a prefixed .pth beside
-# a config is refused there.
-_PTH_CHECKED_AT_OPEN = pytest.mark.xfail(
-    reason="torch-file's open-time key check runs before the prefix transform", strict=False
-)
-
-
 @pytest.mark.parametrize(
     ("file", "prefix"),
     [
-        pytest.param("ddp/model.pth", "module.", marks=_PTH_CHECKED_AT_OPEN),
-        pytest.param("compiled/model.pth", "_orig_mod.", marks=_PTH_CHECKED_AT_OPEN),
+        ("ddp/model.pth", "module."),
+        ("compiled/model.pth", "_orig_mod."),
         ("compiled/model.safetensors", "_orig_mod."),
     ],
 )

@@ -10,12 +10,15 @@ import pytest
 import torch
 
 from ckpt_core.errors import FormatError, KeyMismatchError, UnsafeFileError
-from ckpt_core.formats.keycheck import check_keys
-from ckpt_core.formats.protocol import OpenOptions
+from ckpt_core.families.hf_layout import model_layout
+from ckpt_core.families.model_config import load_config
+from ckpt_core.formats.protocol import TensorInfo
 from ckpt_core.formats.registry import detect, open_reader
 from ckpt_core.formats.torch_file import TorchFileFormat
 from ckpt_core.io.storage import Location
-from ckpt_core.pipeline.convert import ConvertOptions, convert
+from ckpt_core.pipeline.conversion import ConversionPlan, options_from
+from ckpt_core.pipeline.convert import ConvertOptions, convert, plan_conversion, reader_for
+from ckpt_core.pipeline.modelcheck import key_mismatches
 from tests.fixtures.tiny import build_tiny_qwen2, tiny_qwen2_config
 
 
@@ -55,13 +58,18 @@ def test_bare_and_wrapped(
         assert reader.facts().files == [path.name]
 
 
+def _plan(src: Path, tmp_path: Path, **flags: Any) -> ConversionPlan:
+    """The pipeline checks every source's keys against the model its config describes."""
+    return plan_conversion(str(src), str(tmp_path / "out"), options_from(dtype="keep", **flags))
+
+
 def test_strict_keys_against_base(
     tmp_path: Path, untied: dict[str, torch.Tensor], config_dir: Path
 ) -> None:
     torch.save(untied, tmp_path / "m.pth")
-    reader = open_reader(str(tmp_path / "m.pth"), OpenOptions(base=str(config_dir)))
-    assert set(reader.index()) == set(untied)
-    assert any("keys checked" in n for n in reader.facts().notes)
+    plan = _plan(tmp_path / "m.pth", tmp_path, base=str(config_dir))
+    assert set(plan.dtypes) == set(untied)
+    assert "keys checked" in plan.source["keys"]
 
 
 def test_key_mismatch_against_base_names_both_sides(
@@ -72,7 +80,7 @@ def test_key_mismatch_against_base_names_both_sides(
     broken["model.layers.9.mlp.up_proj.weight"] = torch.zeros(1)
     torch.save(broken, tmp_path / "m.pth")
     with pytest.raises(KeyMismatchError) as info:
-        open_reader(str(tmp_path / "m.pth"), OpenOptions(base=str(config_dir)))
+        _plan(tmp_path / "m.pth", tmp_path, base=str(config_dir))
     message = str(info.value)
     assert "missing 1: model.norm.weight" in message
     assert "unexpected 1: model.layers.9.mlp.up_proj.weight" in message
@@ -82,21 +90,28 @@ def test_key_mismatch_against_base_names_both_sides(
 def test_config_beside_the_file_triggers_the_check(
     tmp_path: Path, untied: dict[str, torch.Tensor]
 ) -> None:
-    tiny_qwen2_config().save_pretrained(tmp_path)
+    src = tmp_path / "src"
+    tiny_qwen2_config().save_pretrained(src)
     partial = {k: v for k, v in untied.items() if "layers.1." not in k}
-    torch.save(partial, tmp_path / "m.pth")
+    torch.save(partial, src / "m.pth")
     with pytest.raises(KeyMismatchError, match="missing 12"):
-        open_reader(str(tmp_path))
-    reader = open_reader(str(tmp_path), OpenOptions(allow_missing=("model.layers.1.*",)))
-    assert set(reader.index()) == set(partial)
+        _plan(src, tmp_path)
+    plan = _plan(src, tmp_path, allow_missing=["model.layers.1.*"])
+    assert set(plan.dtypes) == set(partial)
 
 
-def test_check_keys_directly(untied: dict[str, torch.Tensor], config_dir: Path) -> None:
-    assert check_keys(list(untied), str(config_dir)) == []
+def test_key_rule_directly(untied: dict[str, torch.Tensor], config_dir: Path) -> None:
+    layout = model_layout(load_config(Location(str(config_dir))), str(config_dir))
+    index = {n: TensorInfo(n, t.dtype, tuple(t.shape)) for n, t in untied.items()}
+
+    def check(names: list[str], allow: tuple[str, ...] = ()) -> dict[str, str]:
+        chosen = {n: index[n] for n in names}
+        return key_mismatches(chosen, layout, allow, where="m.pth", config_at=str(config_dir))
+
+    assert check(list(untied)) == {}
     with pytest.raises(KeyMismatchError, match=r"missing 1: lm_head\.weight"):
-        check_keys([k for k in untied if k != "lm_head.weight"], str(config_dir))
-    names = [k for k in untied if "q_proj" not in k]
-    assert check_keys(names, str(config_dir), ["*.q_proj.*"]) == []
+        check([k for k in untied if k != "lm_head.weight"])
+    assert check([k for k in untied if "q_proj" not in k], ("*.q_proj.*",)) == {}
 
 
 def test_fp16_tied_stored_twice_minimind_style(tmp_path: Path) -> None:
@@ -104,24 +119,27 @@ def test_fp16_tied_stored_twice_minimind_style(tmp_path: Path) -> None:
     # MiniMind: {k: v.half()} gives the tied pair two separate storages.
     state = {k: v.half() for k, v in model.state_dict().items()}
     assert "lm_head.weight" in state and "model.embed_tokens.weight" in state
-    torch.save(state, tmp_path / "full_sft_64.pth")
-    model.config.save_pretrained(tmp_path)
-    reader = open_reader(str(tmp_path))
-    index = reader.index()
-    assert "lm_head.weight" not in index  # dropped: transformers saves a tied pair once
-    assert all(info.dtype == torch.float16 for info in index.values())
-    assert any("tied" in n and "lm_head.weight" in n for n in reader.facts().notes)
+    src = tmp_path / "src"
+    src.mkdir()
+    torch.save(state, src / "full_sft_64.pth")
+    model.config.save_pretrained(src)
+    plan = _plan(src, tmp_path)
+    assert "lm_head.weight" not in plan.dtypes  # dropped: transformers saves a tied pair once
+    assert plan.dropped == ("lm_head.weight",)
+    assert set(plan.dtypes.values()) == {"float16"}
+    reader = reader_for(plan)
     assert torch.equal(reader.read("model.embed_tokens.weight"), state["model.embed_tokens.weight"])
 
 
 def test_tied_in_config_but_trained_apart_is_refused(tmp_path: Path) -> None:
     model = build_tiny_qwen2(seed=4, tie_word_embeddings=True)
     state = {k: v.half() for k, v in model.state_dict().items()}
-    model.config.save_pretrained(tmp_path)
+    src = tmp_path / "src"
+    model.config.save_pretrained(src)
     state["lm_head.weight"] = state["lm_head.weight"] + 1  # "tied" in config but trained apart
-    torch.save(state, tmp_path / "full_sft_64.pth")
+    torch.save(state, src / "full_sft_64.pth")
     with pytest.raises(KeyMismatchError, match="tied in the model config but differ"):
-        open_reader(str(tmp_path))
+        _plan(src, tmp_path)
 
 
 def test_fp16_tied_convert_end_to_end(tmp_path: Path) -> None:

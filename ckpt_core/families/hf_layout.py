@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -20,10 +20,18 @@ from typing import Any
 
 import torch
 
-from ckpt_core.errors import ConfigError
-from ckpt_core.families.model_config import transformers_config
+from ckpt_core.errors import ConfigError, KeyMismatchError
+from ckpt_core.families.model_config import CONFIG, TIED_HEAD, transformers_config
 
-__all__ = ["ModelLayout", "Piece", "build_meta_model", "model_layout"]
+__all__ = [
+    "ModelLayout",
+    "Piece",
+    "build_meta_model",
+    "head_is_tied",
+    "head_to_drop",
+    "model_key_groups",
+    "model_layout",
+]
 
 
 @dataclass(frozen=True)
@@ -92,6 +100,16 @@ def build_meta_model(config: Any) -> Any:
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             errors.append(f"{getattr(cls, '__name__', cls)}: {e}")
     raise ConfigError(f"cannot build the model the config describes: {'; '.join(errors)}")
+
+
+def model_key_groups(config: Any) -> list[list[str]]:
+    """The in-memory model's state dict names, grouped by shared tensor (tied names together),
+    in order (what a trainer's checkpoint holds before save_pretrained's renames)."""
+    model = build_meta_model(config)
+    groups: dict[int, list[str]] = {}
+    for name, value in model.state_dict(keep_vars=True).items():
+        groups.setdefault(id(value), []).append(name)
+    return list(groups.values())
 
 
 def model_layout(config: Mapping[str, Any], where: str) -> ModelLayout:
@@ -165,3 +183,24 @@ def _views_only() -> Iterator[None]:
 
     with ViewsOnly():  # type: ignore[no-untyped-call]
         yield
+
+
+def head_is_tied(config: Mapping[str, Any], where: str = CONFIG) -> bool:
+    """Whether the model the config describes ties its output head to the embeddings, as the
+    model class declares it (the same tied groups the conversion's key check uses)."""
+    return TIED_HEAD in model_layout(config, where).tied
+
+
+def head_to_drop(
+    names: Collection[str], *, tied: bool, where: str, head: str = TIED_HEAD
+) -> str | None:
+    """transformers does not save a tied output head, so a present one is left out (returned);
+    an untied model must have one, or the output would load with a random head."""
+    if tied:
+        return head if head in names else None
+    if head not in names and any(n.endswith("embed_tokens.weight") for n in names):
+        raise KeyMismatchError(
+            f"{where}: the config says tie_word_embeddings=false but the checkpoint has no "
+            f"{head}; the output would load with a random head"
+        )
+    return None

@@ -15,8 +15,7 @@ from typing import Any
 
 import torch
 
-from ckpt_core.errors import FormatError, KeyMismatchError
-from ckpt_core.formats.keycheck import tied_duplicates
+from ckpt_core.errors import FormatError
 from ckpt_core.formats.protocol import OpenOptions, Reader, SourceFacts, TensorInfo, lookup
 from ckpt_core.formats.torchzip import LazyTensor, LazyTorchFile, iter_tensors
 from ckpt_core.io.storage import Location, split_url
@@ -77,29 +76,6 @@ class TorchFileReader:
         lazy = LazyTorchFile(directory, name)
         self._where = lazy.where
         self._tensors, self._notes = unwrap(lazy.obj, lazy.where)
-        config = options.base or (directory.url if directory.exists("config.json") else None)
-        if config is None:
-            self._notes.append("keys not checked: no config.json beside the file and no --base")
-            return
-        drop = tied_duplicates(self._tensors, config, options.allow_missing, where=lazy.where)
-        for alias, kept in drop.items():
-            self._check_tied(alias, kept)
-            del self._tensors[alias]
-        self._notes.append(f"keys checked against the model in {config}")
-        if drop:
-            self._notes.append(f"dropped tied duplicates: {', '.join(sorted(drop))}")
-
-    def _check_tied(self, alias: str, kept: str) -> None:
-        a, b = self._tensors[alias], self._tensors[kept]
-        if (
-            a.shape != b.shape
-            or a.dtype != b.dtype
-            or not torch.equal(a.materialize(), b.materialize())
-        ):
-            raise KeyMismatchError(
-                f"{self._where}: {alias} and {kept} are tied in the model config but differ in "
-                "the checkpoint; use a config with tie_word_embeddings=false (--base)"
-            )
 
     def index(self) -> Mapping[str, TensorInfo]:
         return {n: TensorInfo(n, t.dtype, tuple(t.shape)) for n, t in self._tensors.items()}

@@ -21,7 +21,8 @@ import torch
 
 from ckpt_core.errors import FormatError, KeyMismatchError, clip
 from ckpt_core.families import Family, family_for, load_config
-from ckpt_core.families.model_config import CONFIG, TIED_HEAD, head_to_drop, tie_word_embeddings
+from ckpt_core.families.hf_layout import head_is_tied, head_to_drop
+from ckpt_core.families.model_config import CONFIG, TIED_HEAD
 from ckpt_core.families.tp_roles import Kind, Role, merge_from, merged_shape
 from ckpt_core.formats import hf
 from ckpt_core.formats.fsdp_ranks import check_same_names
@@ -66,7 +67,7 @@ class TpRanksReader:
         self.config = load_config(config_dir)
         self.family: Family = family_for(self.config, config_dir.file("config.json"))
         self.vocab_size = self.family.vocab_size(self.config)
-        self.tied = tie_word_embeddings(self.config, config_dir.file(CONFIG))
+        self.tied = head_is_tied(self.config, config_dir.file(CONFIG))
         self.layout = self.family.saved_layout()
         self.sizes = self._parallel_sizes(options.parallel_size)
         self.notes: list[str] = [f"key layout written: {self.layout}"]

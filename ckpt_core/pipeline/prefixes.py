@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from ckpt_core.errors import FormatError, clip
+from ckpt_core.families.hf_layout import model_key_groups
 from ckpt_core.families.model_config import transformers_config
-from ckpt_core.formats.keycheck import model_key_groups
 from ckpt_core.formats.protocol import Reader, SourceFacts, TensorInfo, lookup
 from ckpt_core.io.storage import Location
 

@@ -20,7 +20,8 @@ import torch
 import ckpt_core
 from ckpt_core.errors import PublishError
 from ckpt_core.families import family_for, load_config
-from ckpt_core.families.model_config import TIED_HEAD, head_to_drop, tie_word_embeddings
+from ckpt_core.families.hf_layout import head_is_tied, head_to_drop
+from ckpt_core.families.model_config import TIED_HEAD
 from ckpt_core.formats.registry import open_reader
 from ckpt_core.io.storage import Location
 from ckpt_core.pipeline.writer import hash_file
@@ -72,7 +73,7 @@ def split(model_url: str, output_url: str, *, overwrite: bool = False) -> SplitR
     reader = open_reader(model_url, format_name="hf")
     names = list(reader.index())
     layout = family.detect_layout(names, model_url)
-    tied = tie_word_embeddings(config, root.file("config.json"))
+    tied = head_is_tied(config, root.file("config.json"))
     head = head_to_drop(
         names, tied=tied, where=model_url, head=family.to_hf("text", TIED_HEAD, layout)
     )
