@@ -5,6 +5,7 @@ gives every front end."""
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Any
 
 from prefect import Flow, flow, unmapped
@@ -42,21 +43,9 @@ def convert_flow(
     """Convert the checkpoint at `src` (any fsspec URL) into a HF directory at `dst`; the
     options are `ckptflow convert`'s flags. `wait_seconds`: how long to wait for another run
     writing `dst` (default CKPTFLOW_LOCK_WAIT_SECONDS, else fail at once naming it)."""
-    flags = ConvertFlags(
-        dtype=dtype,
-        max_shard_size=max_shard_size,
-        base=base,
-        strip_prefix=strip_prefix,
-        latest=latest,
-        overwrite=overwrite,
-        tag=tag,
-        exclude_frozen=exclude_frozen,
-        allow_missing=allow_missing,
-        format=format,
-        cache_dir=cache_dir,
-        allow_overflow=allow_overflow,
-        lora=lora,
-    )
+    # The parameters after the URLs are ConvertFlags' fields by name (test_front_ends checks).
+    given = locals()
+    flags = ConvertFlags(**{f.name: given[f.name] for f in fields(ConvertFlags)})
     src = resolve_checkpoint(src, latest=latest)  # the manifest names the checkpoint converted
     conversion = steps.plan(src, dst, flags.options())
     # The flow run holds the destination from start to publish; tasks may run anywhere.
