@@ -26,23 +26,14 @@ import time
 from pathlib import Path
 
 from _measure import Figure, ratios, settle, table
+from dcp import CONFIG  # the same Qwen2 shape, ~251M parameters
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 OUT = HERE / "out"
 
-# The Qwen2 shape of bench/dcp.py (~251M parameters, 1.0 GB in fp32); LoRA r=16 on the
-# attention and MLP projections, lm_head saved whole.
-CONFIG = dict(
-    vocab_size=8192,
-    hidden_size=1024,
-    intermediate_size=2816,
-    num_hidden_layers=20,
-    num_attention_heads=16,
-    num_key_value_heads=8,
-    max_position_embeddings=2048,
-    tie_word_embeddings=False,
-)
+# LoRA r=16 on the attention and MLP projections of bench/dcp.py's Qwen2 (1.0 GB in fp32),
+# lm_head saved whole.
 LORA = dict(
     r=16,
     lora_alpha=32,
