@@ -97,7 +97,7 @@ def _local_lock(dst: Location, wait_seconds: float) -> Iterator[None]:
     path = parent.file(name)
     deadline = time.monotonic() + wait_seconds
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_lock(path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -111,7 +111,7 @@ def _local_lock(dst: Location, wait_seconds: float) -> Iterator[None]:
         # The previous holder may have unlinked the file between our open and our flock:
         # then we hold a lock on a file nobody else can see, so start over.
         try:
-            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            same = os.fstat(fd).st_ino == os.lstat(path).st_ino
         except FileNotFoundError:
             same = False
         if same:
@@ -125,6 +125,28 @@ def _local_lock(dst: Location, wait_seconds: float) -> Iterator[None]:
         with contextlib.suppress(FileNotFoundError):
             os.remove(path)  # while still holding it, so no one can hold the removed inode
         os.close(fd)
+
+
+def _open_lock(path: str) -> int:
+    """The lock file itself, never what a link planted at its name leads to: O_NOFOLLOW refuses
+    a symlink, and a second hard link (someone else's file) is refused before any write."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        raise _planted(path, "a symlink") from None
+    if os.fstat(fd).st_nlink > 1:
+        os.close(fd)
+        raise _planted(path, "a hard link to another file")
+    return fd
+
+
+def _planted(path: str, what: str) -> PublishError:
+    return PublishError(
+        f"{path}: the destination's lock file is {what}; ckptflow never writes through it. "
+        "Remove it (nothing of ckptflow's is lost) and run again"
+    )
 
 
 def _read_owner(parent: Location, name: str) -> dict[str, Any] | None:

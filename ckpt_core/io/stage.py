@@ -16,7 +16,7 @@ from pathlib import Path
 from ckpt_core.errors import FormatError
 from ckpt_core.io import retry
 from ckpt_core.io.fingerprint import fingerprint
-from ckpt_core.io.storage import Location
+from ckpt_core.io.storage import Location, inside
 
 __all__ = ["STAMP", "remote_stamp", "stage_source"]
 
@@ -32,6 +32,12 @@ def remote_stamp(src_url: str) -> str:
     return fingerprint((posixpath.relpath(path, src.path), info) for path, info in listing.items())
 
 
+def _relative(path: str, root: str) -> str:
+    """The key below the source prefix, as listed (posixpath.relpath would normalise `..`)."""
+    prefix = root.rstrip("/") + "/"
+    return path[len(prefix) :] if path.startswith(prefix) else path
+
+
 def stage_source(src_url: str, cache_dir: str) -> str:
     """A local copy of the source directory (path), made once per remote state."""
     src = Location(src_url)
@@ -43,8 +49,10 @@ def stage_source(src_url: str, cache_dir: str) -> str:
         return str(target)
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
-    for path in retry.call(src_url, lambda: src.fs.find(src.path)):
-        local = target / posixpath.relpath(path, src.path)
+    # Every key checked before anything is fetched: a key with `../` never lands outside.
+    keys = retry.call(src_url, lambda: src.fs.find(src.path))
+    places = [(path, inside(target, _relative(path, src.path), where=src_url)) for path in keys]
+    for path, local in places:
         local.parent.mkdir(parents=True, exist_ok=True)
         retry.call(path, functools.partial(src.fs.get_file, path, str(local)))
     if remote_stamp(src_url) != stamp:

@@ -14,6 +14,7 @@ import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 from typing import IO, Any
 
 import fsspec
@@ -29,6 +30,7 @@ __all__ = [
     "REMOTE_CHUNK_BYTES",
     "WRITE_BLOCK_BYTES",
     "configure",
+    "inside",
     "join_url",
     "options_for",
     "safe_relative",
@@ -240,3 +242,25 @@ def safe_relative(name: str, where: str) -> str:
     if name.startswith("/") or normal.startswith("..") or "\\" in name or normal == ".":
         raise FormatError(f"{where}: file name {name!r} points outside the checkpoint directory")
     return normal
+
+
+def inside(root: Path, relative: str, *, where: str = "") -> Path:
+    """`root / relative` for a name from a listing or a remote key, which must stay below `root`:
+    no absolute name, no `..` part, no backslash, and no symlink under `root` leading out."""
+    parts = relative.split("/")
+    if (
+        not relative
+        or relative.startswith("/")
+        or "\\" in relative
+        or "\0" in relative
+        or any(p in ("..", ".") for p in parts)
+    ):
+        raise FormatError(
+            f"{where or root}: name {relative!r} would land outside {root}; refusing it "
+            "(remove or rename that object)"
+        )
+    base = Path(os.path.realpath(root))
+    local = base.joinpath(*[p for p in parts if p])
+    if not Path(os.path.realpath(local)).is_relative_to(base):
+        raise FormatError(f"{where or root}: {relative!r} leads outside {root} through a symlink")
+    return local

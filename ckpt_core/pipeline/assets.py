@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from ckpt_core.errors import FormatError
 from ckpt_core.families import model_config
 from ckpt_core.families.model_config import CONFIG
 from ckpt_core.io.storage import Location
 
-__all__ = ["ASSET_FILES", "AssetSource", "find_assets", "read_config"]
+__all__ = ["ASSET_FILES", "AssetSource", "check_asset", "find_assets", "read_asset", "read_config"]
 
 # Config, generation, tokenizer, processor and chat-template files, as transformers saves them.
 ASSET_FILES = (
@@ -49,6 +52,7 @@ def find_assets(dirs: Sequence[Location]) -> list[AssetSource]:
         present = set(directory.listdir()) if directory.isdir() else set()
         for name in ASSET_FILES:
             if name in present and name not in found:
+                check_asset(directory, name)
                 found[name] = AssetSource(name, directory.url)
     return [found[name] for name in ASSET_FILES if name in found]
 
@@ -59,3 +63,37 @@ def read_config(assets: Sequence[AssetSource]) -> dict[str, Any] | None:
         if asset.name == CONFIG:
             return model_config.read_config(Location(asset.url))
     return None
+
+
+def read_asset(asset: AssetSource) -> bytes:
+    """The asset's bytes, its link checked again right before the read."""
+    directory = Location(asset.url)
+    check_asset(directory, asset.name)
+    return directory.read_bytes(asset.name)
+
+
+def check_asset(directory: Location, name: str) -> None:
+    """An asset that is a symlink must lead to a file inside the directory it was found in (or,
+    in a hub cache, inside its `models--*` repo, whose snapshots link into `blobs/`): a link to
+    ~/.aws/credentials must never be read, nor copied into a model others download."""
+    if not directory.is_local:
+        return
+    path = Path(directory.file(name))
+    if not path.is_symlink():
+        return
+    allowed = _allowed_root(Path(os.path.realpath(directory.path)))
+    target = Path(os.path.realpath(path))
+    if not target.is_relative_to(allowed):
+        raise FormatError(
+            f"{path}: a symlink to {target}, outside {allowed}; ckptflow reads assets only from "
+            "the directory it was given: copy the file in (if it is meant to be there) or "
+            "remove the link"
+        )
+
+
+def _allowed_root(directory: Path) -> Path:
+    """The nearest enclosing hub-cache repo (`models--org--name`), else the directory itself."""
+    for parent in (directory, *directory.parents):
+        if parent.name.startswith("models--"):
+            return parent
+    return directory

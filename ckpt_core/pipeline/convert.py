@@ -25,6 +25,7 @@ from ckpt_core.io import retry
 from ckpt_core.io.stage import remote_stamp, stage_source
 from ckpt_core.io.storage import Location
 from ckpt_core.pipeline import manifest
+from ckpt_core.pipeline.assets import read_asset
 from ckpt_core.pipeline.conversion import ConversionPlan, ConvertOptions, ConvertResult
 from ckpt_core.pipeline.lora import output_files
 from ckpt_core.pipeline.modelcheck import check_model
@@ -242,7 +243,7 @@ def write_index(plan: ConversionPlan) -> list[FileRecord]:
 
 def copy_assets(plan: ConversionPlan) -> list[FileRecord]:
     work = Location(plan.target.work_url)
-    return [write_bytes(work, a.name, Location(a.url).read_bytes(a.name)) for a in plan.assets]
+    return [write_bytes(work, a.name, read_asset(a)) for a in plan.assets]
 
 
 def verify_one(

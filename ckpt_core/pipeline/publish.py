@@ -75,6 +75,7 @@ def target_for(dst: Location) -> Target:
 
 def check_destination(dst: Location, identity: dict[str, object], overwrite: bool) -> bool:
     """True when the destination already holds this very conversion (nothing to do)."""
+    _refuse_not_a_directory(dst, overwrite)
     if not dst.exists():
         return False
     published = read_published(dst)
@@ -98,6 +99,19 @@ def check_destination(dst: Location, identity: dict[str, object], overwrite: boo
     return False
 
 
+def _refuse_not_a_directory(dst: Location, overwrite: bool) -> None:
+    """A file, or a symlink (even to a directory), at the destination's name is not an output:
+    refused without --overwrite; with it, only the name is replaced (finalize never follows it)."""
+    link = dst.is_local and os.path.islink(dst.path)
+    if overwrite or not (link or (dst.exists() and not dst.isdir())):
+        return
+    what = f"a symlink (to {os.readlink(dst.path)})" if link else "a file"
+    raise PublishError(
+        f"{dst.url}: is {what}, not a ckptflow output; nothing was changed. Choose another "
+        "destination, or pass --overwrite to replace that name (a link's target is left alone)"
+    )
+
+
 def _source_key(published: dict[str, object]) -> dict[str, object]:
     source = published.get("source")
     if not isinstance(source, dict):
@@ -109,11 +123,18 @@ def refuse_inside(dst: Location, protected: Location, role: str) -> None:
     """The source checkpoint and the base model are never written."""
     if type(dst.fs) is not type(protected.fs):
         return
-    a, b = dst.path.rstrip("/"), protected.path.rstrip("/")
+    a, b = _real(dst), _real(protected)
     if a == b or a.startswith(b + "/") or b.startswith(a + "/"):
         raise PublishError(
             f"{dst.url}: overlaps the {role} {protected.url}, which ckptflow never writes"
         )
+
+
+def _real(where: Location) -> str:
+    """Locally the path with every symlink resolved (a destination reached through a link into
+    the source is inside it); realpath resolves the longest existing ancestor of a new path."""
+    path = where.path.rstrip("/") or "/"
+    return os.path.realpath(path) if where.is_local else path
 
 
 def prepare(target: Target, identity: str | None = None) -> Location:
@@ -196,12 +217,14 @@ def finalize(target: Target, files: Sequence[FileRecord] | None = None) -> None:
         return
     dst = Location(target.dst_url)
     old = dst.path + ".ckptflow-old"
-    if os.path.exists(dst.path):
+    if os.path.lexists(dst.path):
         # Overwrite: the old output moves aside, the new one takes its name, the old one goes.
         os.rename(dst.path, old)
     os.makedirs(os.path.dirname(dst.path) or ".", exist_ok=True)
     os.rename(work.path, dst.path)
-    if os.path.exists(old):
+    if os.path.islink(old) or os.path.isfile(old):
+        os.remove(old)  # a link goes, never what it points at
+    elif os.path.exists(old):
         shutil.rmtree(old)
 
 

@@ -24,6 +24,7 @@ from ckpt_core.families.hf_layout import head_is_tied, head_to_drop
 from ckpt_core.families.model_config import TIED_HEAD
 from ckpt_core.formats.registry import open_reader
 from ckpt_core.io.storage import Location
+from ckpt_core.pipeline.publish import refuse_inside
 from ckpt_core.pipeline.writer import hash_file
 
 __all__ = ["SPLIT_METADATA", "SplitResult", "split"]
@@ -68,6 +69,7 @@ def split(model_url: str, output_url: str, *, overwrite: bool = False) -> SplitR
     import transformers
 
     root, out = Location(model_url), Location(output_url)
+    refuse_inside(out, root, "source model")  # symlinks resolved: the source is never written
     config = load_config(root)
     family = family_for(config, root.file("config.json"))
     reader = open_reader(model_url, format_name="hf")
