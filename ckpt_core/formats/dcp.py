@@ -17,11 +17,17 @@ from typing import Any
 
 import torch
 
-from ckpt_core.dtypes import flat_buffer
+from ckpt_core.dtypes import flat_buffer, itemsize
 from ckpt_core.errors import FormatError
 from ckpt_core.formats.protocol import OpenOptions, Reader, SourceFacts, TensorInfo, lookup
 from ckpt_core.formats.torchzip import LazyTensor, LazyTorchFile
-from ckpt_core.formats.unpickle import DCP_CLASSES, DCP_METADATA, Recorded, restricted_load
+from ckpt_core.formats.unpickle import (
+    DCP_CLASSES,
+    DCP_METADATA,
+    Recorded,
+    restricted_load,
+    short_repr,
+)
 from ckpt_core.io.storage import Location, safe_relative, split_url
 
 __all__ = [
@@ -140,10 +146,22 @@ class DcpReader:
         meta = restricted_load(root.read_bytes(METADATA), where, DCP_METADATA)
         if not isinstance(meta, DCP_CLASSES["Metadata"]):
             raise FormatError(f"{where}: not a DCP Metadata pickle (found {type(meta).__name__})")
+        self._notes: list[str] = []
+        self._file_bytes: dict[str, int] = {}
+        try:
+            self._read_metadata(meta, where)
+        except (TypeError, ValueError, AttributeError, KeyError) as e:
+            # A field of the wrong type (None for a size, a string for an offset, ...).
+            raise FormatError(
+                f"{where}: malformed DCP metadata ({type(e).__name__}: {str(e)[:200]})"
+            ) from e
+        files = {c.relative for e in self._entries.values() for c in e.chunks}
+        self._files = [METADATA, *sorted(files)]
+
+    def _read_metadata(self, meta: Recorded, where: str) -> None:
         tensors_md: Mapping[str, Any] = meta.field("state_dict_metadata") or {}
         storage: Mapping[Any, Any] = meta.field("storage_data") or {}
         planner: Mapping[str, Any] = meta.field("planner_data") or {}
-        self._notes: list[str] = []
         locations = self._storage_map(storage, where)
         names = self._names(list(tensors_md), planner)
         self._entries: dict[str, _Entry] = {}
@@ -163,8 +181,6 @@ class DcpReader:
             )
         if not self._entries:
             raise FormatError(f"{where}: the checkpoint holds no tensors")
-        files = {c.relative for e in self._entries.values() for c in e.chunks}
-        self._files = [METADATA, *sorted(files)]
 
     @staticmethod
     def _storage_map(
@@ -175,7 +191,7 @@ class DcpReader:
             if not isinstance(index, DCP_CLASSES["MetadataIndex"]) or not isinstance(
                 info, DCP_CLASSES["_StorageInfo"]
             ):
-                raise FormatError(f"{where}: unexpected storage_data entry {index!r:.80}")
+                raise FormatError(f"{where}: unexpected storage_data entry {short_repr(index)}")
             if info.field("transform_descriptors"):
                 raise FormatError(
                     f"{where}: {index.field('fqn')} is stored with transforms "
@@ -270,9 +286,34 @@ class DcpReader:
                 raise FormatError(
                     f"{where}: tensor {fqn}: chunk at {list(offsets)} has no storage entry"
                 ) from None
-            chunks.append(_Chunk((offsets, sizes), loc.relative, loc.offset, loc.length))
+            chunk = _Chunk((offsets, sizes), loc.relative, loc.offset, loc.length)
+            self._check_claim(f"{where}: tensor {fqn}", chunk, dtype)
+            chunks.append(chunk)
         check_cover(f"{where}: tensor {fqn}", shape, [c.box for c in chunks], duplicates=False)
         return _Entry(fqn, TensorInfo(name, dtype, shape), tuple(chunks))
+
+    def _check_claim(self, what: str, chunk: _Chunk, dtype: torch.dtype) -> None:
+        """A chunk's bytes lie inside its file and hold what its sizes claim, so that no
+        tensor is allocated beyond the bytes really there (a petabyte claim is refused here;
+        check_cover then bounds the whole tensor by its chunks)."""
+        file_bytes = self._file_bytes.get(chunk.relative)
+        if file_bytes is None:
+            if not self.root.exists(chunk.relative):
+                raise FormatError(f"{what}: its file {chunk.relative} is missing")
+            file_bytes = self._file_bytes[chunk.relative] = self.root.size(chunk.relative)
+        offset, length = chunk.offset, chunk.length
+        if offset < 0 or length < 0 or offset + length > file_bytes:
+            raise FormatError(
+                f"{what}: chunk at bytes [{offset}, {offset + length}) lies outside "
+                f"{chunk.relative} ({file_bytes} bytes; truncated or corrupt)"
+            )
+        claimed = _volume(chunk.box[1]) * itemsize(dtype)
+        if claimed > length:
+            raise FormatError(
+                f"{what}: chunk at {list(chunk.box[0])} claims {list(chunk.box[1])} {dtype} "
+                f"({claimed} bytes) but its storage entry holds {length} bytes "
+                "(corrupt or hostile metadata)"
+            )
 
     def index(self) -> Mapping[str, TensorInfo]:
         return {name: entry.info for name, entry in self._entries.items()}

@@ -12,7 +12,13 @@ import torch
 
 from ckpt_core.errors import FormatError, clip
 from ckpt_core.formats.protocol import OpenOptions, SourceFacts, TensorInfo, lookup
-from ckpt_core.formats.safetensors_header import Entry, read_elements, read_header, read_tensor
+from ckpt_core.formats.safetensors_header import (
+    Entry,
+    json_budget,
+    read_elements,
+    read_header,
+    read_tensor,
+)
 from ckpt_core.formats.torchzip import LazyTensor, LazyTorchFile, iter_tensors
 from ckpt_core.io.storage import Location, safe_relative, split_url
 
@@ -35,15 +41,27 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_SINGLE = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
 SAFETENSORS_SUFFIX = ".safetensors"
+# An index's weight_map names every tensor of a model: the largest real ones hold ~150k
+# (MoE experts stored one by one) in under 20 MB of JSON.
+MAX_INDEX_BYTES = 64_000_000
+MAX_INDEX_ENTRIES = 1_000_000
 
 
 def read_weight_map(root: Location, index_name: str) -> dict[str, str]:
     """tensor name -> shard file, every file name checked to stay inside the directory."""
     where = root.file(index_name)
+    index_bytes = root.size(index_name)
+    if index_bytes > MAX_INDEX_BYTES:
+        raise FormatError(
+            f"{where}: {index_bytes} bytes is more than an index ckptflow reads "
+            f"({MAX_INDEX_BYTES}; corrupt or hostile file)"
+        )
+    raw = root.read_bytes(index_name)
+    json_budget(raw, where, objects=10_000, values=MAX_INDEX_ENTRIES + 10_000)
     try:
-        parsed = json.loads(root.read_text(index_name))
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{where}: not valid JSON ({e})") from e
+        parsed = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, huge ints, deep nesting
+        raise FormatError(f"{where}: not valid JSON ({str(e)[:200]})") from e
     weight_map = parsed.get("weight_map") if isinstance(parsed, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise FormatError(f"{where}: no weight_map")

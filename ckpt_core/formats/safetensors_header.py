@@ -15,7 +15,9 @@ from ckpt_core.io.storage import Location
 __all__ = [
     "Entry",
     "Header",
+    "MAX_ENTRIES",
     "MAX_HEADER_BYTES",
+    "json_budget",
     "build_header",
     "read_elements",
     "read_header",
@@ -23,6 +25,24 @@ __all__ = [
 ]
 
 MAX_HEADER_BYTES = 100_000_000  # the reference reader's limit
+# Tensors in one file: real files hold at most a few thousand (the largest models, ~150k
+# tensors, are sharded at 5 GB); a hostile 100 MB header holds millions, costing GBs to parse.
+MAX_ENTRIES = 200_000
+_COMMAS_PER_ENTRY = 12  # a 9-dim tensor's entry has 12 commas; real ones have at most 8
+
+
+def json_budget(raw: bytes, where: str, *, objects: int, values: int) -> None:
+    """Refuse JSON that would build more than `objects` objects/arrays or `values` values,
+    counted on the raw bytes before parsing (structural brackets and commas are never escaped,
+    so the counts bound what json.loads would build: memory stays a small multiple of the
+    limits, not of the bytes)."""
+    containers = raw.count(b"{") + raw.count(b"[")
+    commas = raw.count(b",")
+    if containers > objects or commas > values:
+        raise FormatError(
+            f"{where}: {containers} objects/arrays and {commas} values is more than ckptflow "
+            f"reads ({objects} and {values}; corrupt or hostile file)"
+        )
 
 
 @dataclass(frozen=True)
@@ -60,16 +80,29 @@ def read_header(root: Location, relative: str) -> Header:
             f"{where}: header length {header_bytes} runs past the end of the {file_bytes}-byte file (truncated?)"
         )
     raw = root.read_bytes(relative, 8, 8 + header_bytes)
+    # An entry is one object and two arrays; __metadata__ and the header itself, a few more.
+    json_budget(
+        raw,
+        where,
+        objects=3 * MAX_ENTRIES + 16,
+        values=_COMMAS_PER_ENTRY * MAX_ENTRIES + 10_000,
+    )
     try:
         parsed = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{where}: header is not valid JSON ({e})") from e
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, huge ints, deep nesting
+        raise FormatError(f"{where}: header is not valid JSON ({str(e)[:200]})") from e
+    del raw
     if not isinstance(parsed, dict):
         raise FormatError(f"{where}: header is not a JSON object")
     data_start = 8 + header_bytes
     metadata = parsed.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise FormatError(f"{where}: __metadata__ must map strings to strings")
+    if len(parsed) > MAX_ENTRIES:
+        raise FormatError(
+            f"{where}: {len(parsed)} tensors in one file is more than ckptflow reads "
+            f"({MAX_ENTRIES}; corrupt or hostile file)"
+        )
     entries = [_entry(where, name, value, data_start) for name, value in parsed.items()]
     entries.sort(key=lambda e: (e.begin, e.end))
     cursor = data_start
@@ -81,7 +114,7 @@ def read_header(root: Location, relative: str) -> Header:
                 else "leaves a hole before it"
             )
             raise FormatError(
-                f"{where}: tensor {entry.name!r} at data offset {entry.begin - data_start} {problem}"
+                f"{where}: tensor {entry.name[:200]!r} at data offset {entry.begin - data_start} {problem}"
             )
         cursor = entry.end
     if cursor != file_bytes:
@@ -94,20 +127,37 @@ def read_header(root: Location, relative: str) -> Header:
 
 def _entry(where: str, name: str, value: object, data_start: int) -> Entry:
     if not isinstance(value, dict) or set(value) != {"dtype", "shape", "data_offsets"}:
-        raise FormatError(f"{where}: header entry {name!r} is malformed")
-    dtype = from_safetensors(str(value["dtype"]), where)
-    shape = tuple(int(d) for d in value["shape"])
-    begin, end = (int(x) for x in value["data_offsets"])
+        raise FormatError(f"{where}: header entry {name[:200]!r} is malformed")
+    dtype_name, shape_list, offsets = value["dtype"], value["shape"], value["data_offsets"]
+    if (
+        not isinstance(dtype_name, str)
+        or not _ints(shape_list)
+        or not _ints(offsets)
+        or len(offsets) != 2
+        or len(shape_list) > 64
+    ):
+        raise FormatError(
+            f"{where}: header entry {name[:200]!r} is malformed (dtype must be a string, shape "
+            "a list of ints, data_offsets two ints)"
+        )
+    dtype = from_safetensors(dtype_name[:32], where)
+    shape = tuple(shape_list)
+    begin, end = offsets
     numel = 1
     for dim in shape:
         if dim < 0:
-            raise FormatError(f"{where}: tensor {name!r} has a negative dimension")
+            raise FormatError(f"{where}: tensor {name[:200]!r} has a negative dimension")
         numel *= dim
     if begin < 0 or end < begin or end - begin != numel * itemsize(dtype):
         raise FormatError(
-            f"{where}: tensor {name!r} data_offsets [{begin}, {end}] do not match its shape {list(shape)} and dtype"
+            f"{where}: tensor {name[:200]!r} data_offsets [{begin}, {end}] do not match its shape {list(shape)} and dtype"
         )
     return Entry(name, dtype, shape, data_start + begin, data_start + end)
+
+
+def _ints(value: object) -> bool:
+    """A JSON list of plain ints (no bools, floats or nested values)."""
+    return isinstance(value, list) and all(type(v) is int for v in value)
 
 
 def build_header(

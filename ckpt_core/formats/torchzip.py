@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import struct
+import threading
 import zipfile
 from collections.abc import Mapping
 from typing import Any
@@ -25,6 +26,10 @@ from ckpt_core.io.storage import Location
 __all__ = ["LazyTensor", "LazyTorchFile", "iter_leaves", "iter_tensors"]
 
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")  # zip local file header, 30 bytes
+# read_range's whole copy of a non-contiguous tensor, kept for the next range of the same
+# tensor (else each 8 MiB range rebuilds the whole tensor: quadratic). One per thread, dropped
+# when the tensor's last range is read.
+_HELD = threading.local()
 
 
 class LazyTensor(TensorRef, Sized):
@@ -70,7 +75,13 @@ class LazyTensor(TensorRef, Sized):
             )
         flat = flat_buffer(out, count, self.dtype)
         if not self.is_contiguous():
-            return flat.copy_(self.materialize().reshape(-1)[start : start + count])
+            held = getattr(_HELD, "tensor", None)
+            if held is None or held[0] is not self:
+                held = _HELD.tensor = (self, self.materialize().reshape(-1))
+            flat.copy_(held[1][start : start + count])
+            if start + count == self.numel:
+                _HELD.tensor = None
+            return flat
         if self.storage_offset + self.numel > self.storage.numel:
             raise FormatError(
                 f"{self.source.where}: tensor exceeds its storage {self.storage.key!r}"
@@ -183,7 +194,33 @@ class LazyTorchFile:
     def _tensor(
         self, storage: StorageRef, offset: int, shape: tuple[int, ...], stride: tuple[int, ...]
     ) -> LazyTensor:
-        return LazyTensor(self, storage, offset, shape, stride)
+        """A tensor of the pickle, checked against the bytes really there before anything is
+        allocated for it: a claim (2^80 elements, a storage larger than its record, a view
+        outside its storage) is refused here, never trusted by a later torch.empty."""
+        what = f"{self.where}: tensor on storage record {storage.key!r}"
+        size = self._sizes.get(f"{self._prefix}data/{storage.key}")
+        if size is None:
+            raise FormatError(f"{what}: the record is missing")
+        claimed = storage.numel * itemsize(storage.dtype)
+        if claimed > size:
+            raise FormatError(
+                f"{what}: the storage claims {storage.numel} {storage.dtype} elements "
+                f"({claimed} bytes) but its record holds {size} bytes (corrupt or hostile file)"
+            )
+        if len(shape) != len(stride) or offset < 0 or min((*shape, *stride), default=0) < 0:
+            raise FormatError(
+                f"{what}: malformed view (offset {offset}, shape {list(shape)}, stride "
+                f"{list(stride)}): negative or mismatched"
+            )
+        lazy = LazyTensor(self, storage, offset, shape, stride)
+        span = lazy._span_elements()
+        if offset + span > storage.numel:
+            raise FormatError(
+                f"{what}: the view (offset {offset}, shape {list(shape)[:8]}, stride "
+                f"{list(stride)[:8]}) reaches element {offset + span} of a "
+                f"{storage.numel}-element storage (corrupt or hostile file)"
+            )
+        return lazy
 
 
 class _Window(io.RawIOBase):
@@ -228,12 +265,18 @@ def iter_leaves(
     obj: Any, leaves: type | tuple[type, ...], prefix: str = ""
 ) -> list[tuple[str, Any]]:
     """Flatten nested dicts to dotted names, keeping the values of type `leaves`, in order."""
+    # An explicit stack, not recursion: a pickle can nest dicts 100k deep (RecursionError).
     found: list[tuple[str, Any]] = []
-    if isinstance(obj, leaves):
-        found.append((prefix, obj))
-    elif isinstance(obj, Mapping):
-        for key, value in obj.items():
-            found.extend(iter_leaves(value, leaves, f"{prefix}.{key}" if prefix else str(key)))
+    stack: list[tuple[str, Any]] = [(prefix, obj)]
+    while stack:
+        name, value = stack.pop()
+        if isinstance(value, leaves):
+            found.append((name, value))
+        elif isinstance(value, Mapping):
+            children = [
+                (f"{name}.{key}" if name else str(key), child) for key, child in value.items()
+            ]
+            stack.extend(reversed(children))
     return found
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import math
 import pickle
+import reprlib
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -50,10 +51,22 @@ __all__ = [
     "TensorMaker",
     "TensorRef",
     "restricted_load",
+    "short_repr",
     "stand_in",
 ]
 
 Fragment = Mapping[tuple[str, str], Any]  # (module, name) -> stand-in
+
+# A pickle of a few KB can build a structure whose full repr or str is gigabytes (a list of
+# 1000 references to a list of 1000 references ...): messages show a bounded repr only.
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother = 3, 60, 60
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = 4
+
+
+def short_repr(obj: object) -> str:
+    """A repr of at most a few hundred characters, whatever `obj` holds."""
+    return _SHORT.repr(obj)[:200]
 
 
 # -- immutability ---------------------------------------------------------------------------
@@ -129,7 +142,9 @@ class Recorded(metaclass=_FrozenClass):
         return default
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(args={self.args!r:.60}, state={self.state!r:.120})"
+        return (
+            f"{type(self).__name__}(args={short_repr(self.args)}, state={short_repr(self.state)})"
+        )
 
 
 def stand_in(name: str) -> type[Recorded]:
@@ -186,18 +201,44 @@ _STORAGES = {
 }
 
 
+def _ints(load: _Unpickler, value: Any, what: str) -> tuple[int, ...]:
+    """A shape or stride: a short tuple/list of plain ints, nothing else (no nested objects to
+    expand, no bools or floats)."""
+    if (
+        not isinstance(value, (tuple, list))
+        or len(value) > _MAX_DIMS
+        or not all(type(v) is int for v in value)
+    ):
+        raise FormatError(f"{load.where}: tensor {what} is not a list of ints: {short_repr(value)}")
+    return tuple(value)
+
+
+def _int(load: _Unpickler, value: Any, what: str) -> int:
+    if type(value) is not int:
+        raise FormatError(f"{load.where}: tensor {what} is not an int: {short_repr(value)}")
+    return value
+
+
+_MAX_DIMS = 64  # torch's own limit on a tensor's dimensions
+
+
 def _rebuild_tensor(
-    load: _Unpickler, storage: Any, storage_offset: int, size: Any, stride: Any, *_: Any
+    load: _Unpickler, storage: Any, storage_offset: Any, size: Any, stride: Any, *_: Any
 ) -> TensorRef:
     if not isinstance(storage, StorageRef):
         raise FormatError(f"{load.where}: tensor without a storage record")
-    return load.tensor(storage, int(storage_offset), tuple(size), tuple(stride))
+    return load.tensor(
+        storage,
+        _int(load, storage_offset, "storage offset"),
+        _ints(load, size, "shape"),
+        _ints(load, stride, "stride"),
+    )
 
 
 def _rebuild_tensor_v3(
     load: _Unpickler,
-    storage: StorageRef,
-    storage_offset: int,
+    storage: Any,
+    storage_offset: Any,
     size: Any,
     stride: Any,
     _requires_grad: Any,
@@ -206,10 +247,12 @@ def _rebuild_tensor_v3(
     *_: Any,
 ) -> TensorRef:
     # v3 names the dtype itself and an untyped (byte) storage: re-type the storage record.
+    if not isinstance(storage, StorageRef) or not isinstance(dtype, torch.dtype):
+        raise FormatError(f"{load.where}: tensor without a storage record or dtype")
     typed = StorageRef(
         storage.key, dtype, storage.numel * itemsize(storage.dtype) // itemsize(dtype)
     )
-    return load.tensor(typed, int(storage_offset), tuple(size), tuple(stride))
+    return _rebuild_tensor(load, typed, storage_offset, size, stride)
 
 
 def _data(_load: _Unpickler, data: Any, *_: Any) -> Any:
@@ -217,6 +260,58 @@ def _data(_load: _Unpickler, data: Any, *_: Any) -> Any:
     return data
 
 
+# Allow-listed constructors take only the argument types real files pass: a bare `str` or
+# `tuple` would expand whatever object a pickle hands it (gigabytes from a few KB).
+def _size(load: _Unpickler, dims: Any = ()) -> tuple[int, ...]:
+    """`torch.Size(dims)`: a tuple of ints."""
+    return _ints(load, dims, "size")
+
+
+def _device(load: _Unpickler, kind: Any, index: Any = None) -> str:
+    """`torch.device("cuda", 0)` or `torch.device("cuda:0")`: only its text is kept."""
+    if type(kind) is not str or len(kind) > 64 or not (index is None or type(index) is int):
+        raise FormatError(
+            f"{load.where}: torch.device({short_repr(kind)}, {short_repr(index)}) is not a device"
+        )
+    return kind if index is None else f"{kind}:{index}"
+
+
+def _layout(load: _Unpickler, name: Any) -> str:
+    """`torch.serialization._get_layout("torch.strided")`."""
+    if type(name) is not str or len(name) > 64:
+        raise FormatError(f"{load.where}: layout {short_repr(name)} is not a layout name")
+    return name
+
+
+def _scalar(value: Any) -> bool:
+    return value is None or type(value) in (str, int, float, bool, bytes)
+
+
+def _set(load: _Unpickler, items: Any = ()) -> set[Any]:
+    """`set(items)` of a list/tuple of scalars (hashing nested tuples can take minutes)."""
+    if not isinstance(items, (list, tuple)) or not all(_scalar(v) for v in items):
+        raise FormatError(f"{load.where}: a set of non-scalar items: {short_repr(items)}")
+    return set(items)
+
+
+def _frozenset(load: _Unpickler, items: Any = ()) -> frozenset[Any]:
+    return frozenset(_set(load, items))
+
+
+def _tuple(load: _Unpickler, items: Any = ()) -> tuple[Any, ...]:
+    if not isinstance(items, (list, tuple)):
+        raise FormatError(f"{load.where}: tuple() of {short_repr(items)}")
+    return tuple(items)
+
+
+def _list(load: _Unpickler, items: Any = ()) -> list[Any]:
+    if not isinstance(items, (list, tuple)):
+        raise FormatError(f"{load.where}: list() of {short_repr(items)}")
+    return list(items)
+
+
+_SIZE = _Call(_size)
+_LAYOUT_NAME = _Call(_layout)
 _DTYPES: Fragment = {("torch", name): dtype for name, dtype in TORCH_DTYPES.items()}
 
 TENSORS: Fragment = MappingProxyType(
@@ -226,10 +321,10 @@ TENSORS: Fragment = MappingProxyType(
         ("torch._utils", "_rebuild_tensor_v3"): _Call(_rebuild_tensor_v3),
         ("torch._utils", "_rebuild_parameter"): _Call(_data),
         ("torch._utils", "_rebuild_parameter_with_state"): _Call(_data),
-        ("torch", "Size"): tuple,
-        ("torch", "device"): str,
-        ("builtins", "set"): set,
-        ("builtins", "frozenset"): frozenset,
+        ("torch", "Size"): _SIZE,
+        ("torch", "device"): _Call(_device),
+        ("builtins", "set"): _Call(_set),
+        ("builtins", "frozenset"): _Call(_frozenset),
         **{("torch", name): StorageType(dtype) for name, dtype in _STORAGES.items()},
         **_DTYPES,
     }
@@ -258,17 +353,19 @@ DCP_CLASSES = MappingProxyType(
 )
 
 
-def _path(_load: _Unpickler, *parts: Any) -> str:
+def _path(load: _Unpickler, *parts: Any) -> str:
     """StorageMeta.checkpoint_id is a pathlib path: only its text is of interest."""
-    return "/".join(str(p) for p in parts)
+    if not all(type(p) is str for p in parts):
+        raise FormatError(f"{load.where}: a path of non-text parts: {short_repr(parts)}")
+    return "/".join(parts)
 
 
 DCP_METADATA: Fragment = MappingProxyType(
     {
         **{(_DCP, name): cls for name, cls in DCP_CLASSES.items() if name != "_StorageInfo"},
         ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): DCP_CLASSES["_StorageInfo"],
-        ("torch", "Size"): tuple,
-        ("torch.serialization", "_get_layout"): str,
+        ("torch", "Size"): _SIZE,
+        ("torch.serialization", "_get_layout"): _LAYOUT_NAME,
         ("collections", "OrderedDict"): OrderedDict,
         **{
             ("pathlib", cls): _Call(_path)
@@ -311,7 +408,9 @@ def _rebuild_from_type_v2(
         # does not matter for weights.
         return func(*args)
     if func is not _WrapperArgs or new_type is not _DTensor:
-        raise FormatError(f"unexpected tensor subclass rebuild {func!r:.60} -> {new_type!r:.60}")
+        raise FormatError(
+            f"unexpected tensor subclass rebuild {short_repr(func)} -> {short_repr(new_type)}"
+        )
     dtype, size = args[1], args[2]
     if isinstance(state, tuple) and len(state) == 2:  # (__dict__ state, __slots__ state)
         state = state[1]
@@ -350,7 +449,7 @@ DTENSOR: Fragment = MappingProxyType(
     {
         ("torch._tensor", "_rebuild_from_type_v2"): _REBUILD_FROM_TYPE,
         ("torch._utils", "_rebuild_wrapper_subclass"): _WrapperArgs,
-        ("torch.serialization", "_get_layout"): str,
+        ("torch.serialization", "_get_layout"): _LAYOUT_NAME,
         ("torch.distributed.tensor", "DTensor"): _DTensor,
         ("torch.distributed.tensor._api", "DTensor"): _DTensor,  # where the class is defined
         (_SPEC, "DTensorSpec"): _DTensorSpec,
@@ -364,8 +463,8 @@ DTENSOR: Fragment = MappingProxyType(
         (_LAYOUT, "_MeshLayout"): stand_in("_MeshLayout"),
         (_LAYOUT, "_FlatLayout"): stand_in("_FlatLayout"),
         # Plain constructors, allowed in tensor-parallel rank files from the start.
-        ("builtins", "tuple"): tuple,
-        ("builtins", "list"): list,
+        ("builtins", "tuple"): _Call(_tuple),
+        ("builtins", "list"): _Call(_list),
     }
 )
 
@@ -419,11 +518,15 @@ class _Unpickler(pickle.Unpickler):
         if self._tensor is None or not (
             isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
         ):
-            raise FormatError(f"{self.where}: unexpected persistent id {pid!r:.80}")
+            raise FormatError(f"{self.where}: unexpected persistent id {short_repr(pid)}")
         _, storage_type, key, _location, numel = pid
         if not isinstance(storage_type, StorageType):
-            raise FormatError(f"{self.where}: unknown storage type {storage_type!r:.80}")
-        return StorageRef(str(key), storage_type.dtype, int(numel))
+            raise FormatError(f"{self.where}: unknown storage type {short_repr(storage_type)}")
+        if type(key) is not str or type(numel) is not int or numel < 0:
+            raise FormatError(
+                f"{self.where}: malformed storage record {short_repr(key)} of {short_repr(numel)} elements"
+            )
+        return StorageRef(key, storage_type.dtype, numel)
 
     def tensor(
         self, storage: StorageRef, offset: int, shape: tuple[int, ...], stride: tuple[int, ...]
@@ -442,6 +545,10 @@ def restricted_load(
         return _Unpickler(data, where, allowed, tensor).load()
     except (FormatError, UnsafeFileError):
         raise
-    except Exception as e:  # a malformed (or tampering) pickle: say which file
+    except (
+        Exception
+    ) as e:  # malformed, tampering or too deeply nested (RecursionError): say which file
         what = "data.pkl" if tensor else "the pickle"
-        raise FormatError(f"{where}: cannot read {what} ({type(e).__name__}: {e})") from e
+        raise FormatError(
+            f"{where}: cannot read {what} ({type(e).__name__}: {str(e)[:200]})"
+        ) from e
