@@ -39,6 +39,7 @@ __all__ = [
     "Target",
     "abandon",
     "check_destination",
+    "complete_interrupted",
     "discard",
     "ensure_unfinished",
     "finalize",
@@ -83,7 +84,9 @@ def check_destination(dst: Location, identity: dict[str, object], overwrite: boo
         published is not None
         and {"source": _source_key(published), "options": published.get("options")} == identity
     ):
-        return True
+        # A publish that died between its marker and dropping INCOMPLETE is not done until
+        # `complete_interrupted` (under the lock) drops the stale marker.
+        return not dst.exists(INCOMPLETE)
     if overwrite:
         return False
     if published is not None:
@@ -97,6 +100,13 @@ def check_destination(dst: Location, identity: dict[str, object], overwrite: boo
             "pass --overwrite to replace it or choose another destination"
         )
     return False
+
+
+def complete_interrupted(dst: Location) -> None:
+    """In-place publish order is `_SUCCESS` (create-only), then INCOMPLETE removed: a crash
+    between leaves a complete output with a stale marker, which goes here (call under the lock)."""
+    if dst.exists(SUCCESS) and dst.exists(INCOMPLETE):
+        dst.remove(INCOMPLETE)
 
 
 def _refuse_not_a_directory(dst: Location, overwrite: bool) -> None:

@@ -23,7 +23,7 @@ from ckpt_core.io import retry
 from ckpt_core.io.lock import destination_lock
 from ckpt_core.io.storage import Location
 from ckpt_core.pipeline.conversion import ConversionPlan
-from ckpt_core.pipeline.publish import abandon, check_destination, prepare
+from ckpt_core.pipeline.publish import abandon, check_destination, complete_interrupted, prepare
 
 __all__ = ["conversion_run", "start"]
 
@@ -66,4 +66,5 @@ def start(plan: ConversionPlan) -> str:
 
 def _still_needed(plan: ConversionPlan) -> bool:
     dst = Location(plan.target.dst_url)
+    complete_interrupted(dst)
     return not check_destination(dst, plan.identity, plan.options.overwrite)
