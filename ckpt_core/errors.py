@@ -15,6 +15,7 @@ __all__ = [
     "KeyMismatchError",
     "PublishError",
     "SourceChangedError",
+    "StorageFullError",
     "StorageRefusedError",
     "StorageUnavailableError",
     "TrainCommandError",
@@ -83,6 +84,11 @@ class StorageUnavailableError(CkptError):
 
 class StorageRefusedError(CkptError):
     """A permanent storage failure (missing bucket or file, permission denied)."""
+
+
+class StorageFullError(StorageRefusedError):
+    """The destination ran out of space (or hit a file size limit). Not retried, but the
+    finished shards are kept: a rerun after freeing space resumes."""
 
 
 class TrainCommandError(CkptError):

@@ -13,9 +13,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
-from ckpt_core.errors import CkptError, StorageRefusedError, StorageUnavailableError
+from ckpt_core.errors import (
+    CkptError,
+    StorageFullError,
+    StorageRefusedError,
+    StorageUnavailableError,
+)
 
 __all__ = [
+    "DESTINATION_ERRNOS",
     "POLICY",
     "RetryPolicy",
     "call",
@@ -36,6 +42,9 @@ _PERMANENT: tuple[type[BaseException], ...] = (
     IsADirectoryError,
     NotADirectoryError,
 )
+# The destination refuses writes: never retried (each fails at once, `explain` says what to do).
+_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+DESTINATION_ERRNOS = frozenset({*_FULL_ERRNOS, errno.EROFS, errno.EACCES, errno.EPERM})
 _TRANSIENT_ERRNOS = {
     errno.ECONNRESET,
     errno.ECONNREFUSED,
@@ -99,13 +108,24 @@ POLICY = _policy_from_env()
 
 def explain(error: OSError, where: str) -> StorageRefusedError:
     """A one-line message for a permanent storage error; credentials never appear in it."""
+    name = error.filename or where
+    if error.errno in _FULL_ERRNOS:
+        limit = "a file size limit (ulimit -f)" if error.errno == errno.EFBIG else "no space left"
+        return StorageFullError(
+            f"{name}: {limit} ({os.strerror(error.errno or 0)}); finished shards are kept: "
+            "free space (or raise the limit) and run again to resume"
+        )
+    if error.errno == errno.EROFS:
+        return StorageRefusedError(
+            f"{name}: read-only file system; choose a writable destination (nothing was published)"
+        )
     what = {
         FileNotFoundError: "does not exist (check the bucket and path)",
-        PermissionError: "permission denied (check the credentials and the bucket policy)",
+        PermissionError: "permission denied (check the directory's permissions, or the "
+        "credentials and the bucket policy)",
         IsADirectoryError: "is a directory, expected a file",
         NotADirectoryError: "is a file, expected a directory",
     }.get(type(error), "cannot be accessed")
-    name = error.filename or where
     return StorageRefusedError(f"{name}: {what} ({type(error).__name__}: {error})")
 
 
@@ -131,6 +151,8 @@ def is_transient(error: BaseException) -> bool:
         return False
     for e in _chain(error):
         if isinstance(e, _PERMANENT):
+            return False
+        if isinstance(e, OSError) and e.errno in DESTINATION_ERRNOS:
             return False
         if isinstance(e, ConnectionError | TimeoutError):
             return True

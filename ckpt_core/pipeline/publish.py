@@ -26,7 +26,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ckpt_core.errors import CkptError, PublishError, StorageUnavailableError
+from ckpt_core.errors import CkptError, PublishError, StorageFullError, StorageUnavailableError
 from ckpt_core.io.storage import Location
 from ckpt_core.pipeline.manifest import SUCCESS, read_published
 from ckpt_core.pipeline.writer import FileRecord, hash_file
@@ -274,10 +274,13 @@ def discard(target: Target) -> None:
 def resumable(error: BaseException) -> bool:
     """Interrupts and storage trouble keep the finished shards for a rerun; a bad input or a
     failed verification does not (a rerun would only meet the same failure)."""
-    return isinstance(error, StorageUnavailableError) or not isinstance(error, CkptError)
+    kept = (StorageUnavailableError, StorageFullError)  # a full disk: finished shards are valid
+    return isinstance(error, kept) or not isinstance(error, CkptError)
 
 
 def abandon(target: Target, error: BaseException) -> None:
-    """After a failure: keep resumable work (nothing of it looks complete), discard the rest."""
+    """After a failure: keep resumable work (nothing of it looks complete), discard the rest
+    (where the store lets it: a read-only one keeps what it has, and the error says why)."""
     if not resumable(error):
-        discard(target)
+        with contextlib.suppress(OSError):
+            discard(target)

@@ -19,6 +19,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 
+from ckpt_core.errors import CkptError
 from ckpt_core.io import retry
 from ckpt_core.io.lock import destination_lock
 from ckpt_core.io.storage import Location
@@ -51,10 +52,25 @@ def conversion_run(plan: ConversionPlan, *, wait_seconds: float | None = None) -
             try:
                 yield True
             except BaseException as e:
-                abandon(plan.target, e)
+                refused = _refused_destination(e, plan.target.dst_url)
+                abandon(plan.target, refused or e)
+                if refused is not None:
+                    raise refused from e
                 raise
     except STORAGE_REFUSALS as e:
         raise retry.explain(e, plan.target.dst_url) from e
+    except OSError as e:
+        if (refused := _refused_destination(e, plan.target.dst_url)) is None:
+            raise
+        raise refused from e
+
+
+def _refused_destination(error: BaseException, dst_url: str) -> CkptError | None:
+    """A full disk, a read-only or forbidden destination: its one-line error, which also decides
+    what `abandon` keeps (a full disk keeps the finished shards)."""
+    if isinstance(error, OSError) and error.errno in retry.DESTINATION_ERRNOS:
+        return retry.explain(error, dst_url)
+    return None
 
 
 def start(plan: ConversionPlan) -> str:
