@@ -21,7 +21,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # keeps them off a captured stream that a test later closes.
 import prefect  # noqa: E402,F401
 
-from tests.s3server import moto_server, s3  # noqa: E402,F401  (loopback S3 server fixtures)
+from tests.helpers.deepspeed_truth import ds_root  # noqa: E402,F401  (session fixture)
+from tests.s3server import bucket, moto_server, s3  # noqa: E402,F401  (loopback S3 fixtures)
 
 
 @pytest.fixture(scope="session")

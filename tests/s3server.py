@@ -5,6 +5,8 @@ slow-network case. Nothing listens or connects beyond 127.0.0.1."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import signal
 import socket
@@ -12,8 +14,10 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -159,3 +163,30 @@ def make_bucket(name: str) -> None:
 
 def subprocess_env(endpoint: str) -> dict[str, str]:
     return {**os.environ, **CREDENTIALS, "AWS_ENDPOINT_URL": endpoint}
+
+
+@pytest.fixture
+def bucket(s3: MotoServer) -> str:
+    """A fresh bucket on the loopback server, one per test."""
+    name = f"b-{uuid.uuid4().hex[:12]}"
+    make_bucket(name)
+    return name
+
+
+def fs() -> Any:
+    """An s3fs file system that sees every write at once (no instance or listing cache)."""
+    from s3fs import S3FileSystem
+
+    return S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
+
+
+def assert_published_as_manifest_says(prefix: str) -> dict[str, Any]:
+    """The published prefix holds exactly the manifest's files, each with its size and sha256."""
+    s3 = fs()
+    manifest = json.loads(s3.cat(f"{prefix}/manifest.json"))
+    names = {p.rsplit("/", 1)[1] for p in s3.find(prefix)}
+    assert names == {*manifest["files"], "manifest.json", "_SUCCESS"}
+    for name, entry in manifest["files"].items():
+        data = s3.cat(f"{prefix}/{name}")
+        assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}, name
+    return dict(manifest)

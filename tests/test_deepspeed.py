@@ -7,7 +7,6 @@ where that tool is pinned below as losing information (stage 1 frozen params, bu
 
 from __future__ import annotations
 
-import functools
 import shutil
 import subprocess
 import sys
@@ -23,31 +22,13 @@ from ckpt_core.formats.protocol import OpenOptions, Reader
 from ckpt_core.formats.registry import detect, open_reader
 from ckpt_core.io.storage import Location
 from ckpt_core.pipeline.convert import ConvertOptions, convert
-from tests.fixtures.deepspeed_cache import CASES, REPO, deepspeed_fixtures, overrides_for
+from tests.fixtures.deepspeed_cache import CASES, REPO, overrides_for
 from tests.fixtures.tiny import build_tiny_qwen2
+from tests.helpers.deepspeed_truth import FROZEN, ckpt, reference
 
 pytestmark = pytest.mark.slow
 
 ALL_CASES = [case for cases in CASES.values() for case in cases]
-FROZEN = "model.norm.weight"
-
-
-@pytest.fixture(scope="session")
-def ds_root() -> Path:
-    return deepspeed_fixtures()
-
-
-def ckpt(root: Path, case: str) -> str:
-    return str(root / case / "ckpt")
-
-
-@functools.cache
-def reference(path: str, exclude_frozen: bool = False) -> dict[str, torch.Tensor]:
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    return dict(
-        get_fp32_state_dict_from_zero_checkpoint(path, exclude_frozen_parameters=exclude_frozen)
-    )
 
 
 def stage_of(case: str) -> int:

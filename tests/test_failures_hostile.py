@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,8 +19,7 @@ from ckpt_core.io import retry
 from ckpt_core.io.storage import Location
 from ckpt_core.pipeline.convert import ConvertOptions, convert
 from ckpt_core.pipeline.publish import INCOMPLETE, STAGING_SUFFIX
-from tests.s3server import MotoServer, make_bucket
-from tests.test_s3 import assert_published_as_manifest_says, fs
+from tests.s3server import assert_published_as_manifest_says, fs
 
 OPTIONS = ConvertOptions(dtype="fp32", max_shard_bytes=60_000)
 
@@ -31,13 +29,6 @@ def quick_retries() -> Iterator[None]:
     old = retry.set_policy(retry.RetryPolicy(attempts=3, base_seconds=0.01, cap_seconds=0.05))
     yield
     retry.set_policy(old)
-
-
-@pytest.fixture
-def bucket(s3: MotoServer) -> str:
-    name = f"b-{uuid.uuid4().hex[:12]}"
-    make_bucket(name)
-    return name
 
 
 class Crash(BaseException):

@@ -12,13 +12,13 @@ import torch
 
 from ckpt_core.pipeline.conversion import options_from
 from ckpt_core.pipeline.convert import ConvertOptions, convert
-from tests.test_deepspeed import FROZEN, ckpt, ds_root, reference  # noqa: F401  (fixture)
+from tests.helpers.deepspeed_truth import FROZEN, ckpt, reference
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("case", ["stage1", "stage3"])
-def test_exclude_frozen_is_a_partial_output(ds_root: Path, case: str, tmp_path: Path) -> None:  # noqa: F811
+def test_exclude_frozen_is_a_partial_output(ds_root: Path, case: str, tmp_path: Path) -> None:
     from transformers import Qwen2ForCausalLM
 
     path, out = ckpt(ds_root, case), tmp_path / "hf"
@@ -43,7 +43,7 @@ def test_exclude_frozen_is_a_partial_output(ds_root: Path, case: str, tmp_path: 
         assert torch.equal(state[name], value), name
 
 
-def test_a_full_conversion_is_not_partial(ds_root: Path, tmp_path: Path) -> None:  # noqa: F811
+def test_a_full_conversion_is_not_partial(ds_root: Path, tmp_path: Path) -> None:
     path, out = ckpt(ds_root, "stage2"), tmp_path / "hf"
     result = convert(
         path, str(out), ConvertOptions(dtype="fp32", base=str(ds_root / "stage2" / "base"))

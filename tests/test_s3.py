@@ -4,11 +4,9 @@ restart mid-upload, a slow network, and clear permanent errors."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,14 @@ from ckpt_core.io.storage import Location
 from ckpt_core.pipeline import convert as core
 from ckpt_core.pipeline.convert import ConvertOptions, convert
 from ckpt_core.pipeline.publish import DONE_DIR, INCOMPLETE
-from tests.s3server import MotoServer, SlowProxy, make_bucket, use_endpoint
+from tests.s3server import (
+    MotoServer,
+    SlowProxy,
+    assert_published_as_manifest_says,
+    fs,
+    make_bucket,
+    use_endpoint,
+)
 
 OPTIONS = ConvertOptions(dtype="fp32", max_shard_bytes=60_000)
 
@@ -35,33 +40,11 @@ def quick_retries() -> Iterator[None]:
     retry.set_policy(old)
 
 
-@pytest.fixture
-def bucket(s3: MotoServer) -> str:
-    name = f"b-{uuid.uuid4().hex[:12]}"
-    make_bucket(name)
-    return name
-
-
 @pytest.fixture(scope="module")
 def local_manifest(tiny_hf_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> bytes:
     out = tmp_path_factory.mktemp("local") / "out"
     convert(str(tiny_hf_dir), str(out), OPTIONS)
     return (out / "manifest.json").read_bytes()
-
-
-def fs() -> S3FileSystem:
-    return S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
-
-
-def assert_published_as_manifest_says(prefix: str) -> dict[str, Any]:
-    s3 = fs()
-    manifest = json.loads(s3.cat(f"{prefix}/manifest.json"))
-    names = {p.rsplit("/", 1)[1] for p in s3.find(prefix)}
-    assert names == {*manifest["files"], "manifest.json", "_SUCCESS"}
-    for name, entry in manifest["files"].items():
-        data = s3.cat(f"{prefix}/{name}")
-        assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}, name
-    return dict(manifest)
 
 
 def test_s3_manifest_identical_to_local(
