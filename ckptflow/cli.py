@@ -18,7 +18,12 @@ if TYPE_CHECKING:
 
 Handler = Callable[[argparse.Namespace], int]
 # Modules that add subcommands: each has add_parsers(subparsers); a missing one is skipped.
-PLUGINS = ("ckptflow.cli_vlm", "ckptflow.cli_resolve")
+PLUGINS = (
+    "ckptflow.cli_vlm",
+    "ckptflow.cli_resolve",
+    "ckptflow.cli_dropin",  # ds2hf, fsdp2hf, hf2fsdp, bagel2hf: the old scripts' flags
+    "ckptflow.cli_verify",  # verify, test-model
+)
 DEMO_DIR = ".ckptflow-demo"
 EXIT_BROKEN_PIPE = 128 + 13  # what a tool killed by SIGPIPE exits with
 
@@ -109,6 +114,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="write finite values the --dtype cannot hold as inf (default: fail naming the tensor)",
     )  # fmt: skip
     convert.add_argument("--format", help="force a format instead of detecting it")
+    convert.add_argument(
+        "--to", default="hf", choices=["hf", "dcp", "pth"],
+        help="output format: a HF directory (default), a torch Distributed Checkpoint to start "
+        "FSDP training from, or one .pth state dict (the whole dict in one pickle: it needs "
+        "one copy of the output in RAM)",
+    )  # fmt: skip
+    convert.add_argument(
+        "--models", default="both", choices=["main", "ema", "both"],
+        help="BAGEL-style sources with main and EMA weights: which to write (default both)",
+    )  # fmt: skip
+    convert.add_argument(
+        "--dcp-key", metavar="KEY", help="--to dcp: nest the state dict under KEY (e.g. model)"
+    )
+    convert.add_argument("--stage", help="--to pth: the training stage in the file name")
+    convert.add_argument(
+        "--hidden-size", type=int, help="--to pth: the hidden size in the file name"
+    )
+    convert.add_argument("--moe", action="store_true", help="--to pth: add _moe to the file name")
+    convert.add_argument(
+        "--device", default="cpu", choices=["cpu", "cuda", "auto"],
+        help="where rank pieces are merged and cast (auto: cuda when present); same bytes",
+    )  # fmt: skip
     convert.add_argument("--workers", type=int, default=2, help="shards written in parallel")
     convert.add_argument(
         "--wait-for-lock", type=float, metavar="SECONDS",

@@ -14,7 +14,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from ckpt_core.dtypes import TargetDtype
 from ckpt_core.formats.peft_adapter import LoraMode
 from ckpt_core.pipeline.checkpoints import resolve_checkpoint
-from ckpt_core.pipeline.conversion import ConvertFlags
+from ckpt_core.pipeline.conversion import ConvertFlags, Device, ModelChoice, OutputFormat
 from ckpt_core.pipeline.convert import report
 from ckpt_core.pipeline.run import conversion_run
 from tasks import convert as steps
@@ -38,6 +38,13 @@ def convert_flow(
     cache_dir: str | None = None,
     allow_overflow: bool = False,
     lora: LoraMode = "fuse",
+    to: OutputFormat = "hf",
+    models: ModelChoice = "both",
+    dcp_key: str | None = None,
+    stage: str | None = None,
+    hidden_size: int | None = None,
+    moe: bool = False,
+    device: Device = "cpu",
     wait_seconds: float | None = None,
 ) -> dict[str, Any]:
     """Convert the checkpoint at `src` (any fsspec URL) into a HF directory at `dst`; the

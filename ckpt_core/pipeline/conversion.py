@@ -8,7 +8,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from ckpt_core import __version__
 from ckpt_core.dtypes import TargetDtype
@@ -22,11 +22,18 @@ from ckpt_core.pipeline.verify import Report
 from ckpt_core.pipeline.writer import FileRecord
 from ckpt_core.units import parse_size_bytes
 
+OutputFormat = Literal["hf", "dcp", "pth"]  # what `--to` writes
+ModelChoice = Literal["main", "ema", "both"]  # BAGEL-style sources: which models `--models` writes
+Device = Literal["cpu", "cuda", "auto"]  # where rank pieces are merged and cast
+
 __all__ = [
     "ConversionPlan",
     "ConvertFlags",
     "ConvertOptions",
     "ConvertResult",
+    "Device",
+    "ModelChoice",
+    "OutputFormat",
     "options_from",
 ]
 
@@ -43,12 +50,20 @@ class ConvertOptions:
     cache_dir: str | None = None  # stage a remote source here first (else: ranged reads)
     allow_overflow: bool = False  # write finite values the dtype cannot hold as inf
     lora: LoraMode = "fuse"  # a LoRA adapter: fused into --base, or kept as an adapter dir
+    to: OutputFormat = "hf"  # the output format
+    models: ModelChoice = "both"  # BAGEL-style sources with main and EMA weights
+    dcp_key: str | None = None  # --to dcp: nest the state dict under this top key ("model")
+    stage: str | None = None  # --to pth: the file is {stage}_{hidden_size}[_moe].pth
+    hidden_size: int | None = None
+    moe: bool = False
+    device: Device = "cpu"  # where tensors are merged and cast; the bytes written are the same
 
     def recorded(self) -> dict[str, Any]:
         """The options as the manifest records them."""
         values = asdict(self)
         values.pop("overwrite")
         values.pop("cache_dir")  # where a copy is cached does not change the conversion
+        values.pop("device")  # nor where tensors are merged: the output bytes are the same
         return values
 
 
@@ -70,6 +85,13 @@ class ConvertFlags:
     cache_dir: str | None = None
     allow_overflow: bool = False
     lora: LoraMode = "fuse"
+    to: OutputFormat = "hf"
+    models: ModelChoice = "both"
+    dcp_key: str | None = None
+    stage: str | None = None
+    hidden_size: int | None = None
+    moe: bool = False
+    device: Device = "cpu"
 
     def options(self) -> ConvertOptions:
         """The pipeline's options (the size parsed here, once)."""
@@ -89,6 +111,13 @@ class ConvertFlags:
             cache_dir=self.cache_dir,
             allow_overflow=self.allow_overflow,
             lora=self.lora,
+            to=self.to,
+            models=self.models,
+            dcp_key=self.dcp_key,
+            stage=self.stage,
+            hidden_size=self.hidden_size,
+            moe=self.moe,
+            device=self.device,
         )
 
 

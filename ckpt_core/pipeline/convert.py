@@ -19,7 +19,7 @@ from dataclasses import replace
 import torch
 
 from ckpt_core.dtypes import itemsize, output_dtype, parse_target
-from ckpt_core.errors import FormatError, SourceChangedError, VerifyError
+from ckpt_core.errors import FormatError, SourceChangedError, UsageError, VerifyError
 from ckpt_core.formats.protocol import Reader
 from ckpt_core.io import retry
 from ckpt_core.io.stage import remote_stamp, stage_source
@@ -118,6 +118,7 @@ def check_source_unchanged(plan: ConversionPlan, reader: Reader) -> None:
 
 def plan_conversion(src_url: str, dst_url: str, options: ConvertOptions) -> ConversionPlan:
     src, dst = Location(src_url), Location(dst_url)
+    _refuse_unbuilt(options)
     refuse_inside(dst, src, "source checkpoint")
     if options.base:
         refuse_inside(dst, Location(options.base), "base model")
@@ -176,6 +177,14 @@ def plan_conversion(src_url: str, dst_url: str, options: ConvertOptions) -> Conv
     )
     _remember(_reader_key(plan), reader)
     return plan
+
+
+def _refuse_unbuilt(options: ConvertOptions) -> None:
+    """Flags the CLI and flow already take but this version does not carry out yet."""
+    if options.to != "hf":
+        raise UsageError(f"--to {options.to}: not supported by this version; use --to hf")
+    if options.device != "cpu":
+        raise UsageError(f"--device {options.device}: not supported by this version; use cpu")
 
 
 # Tests only: slows every tensor so that a test can kill a run at a chosen point.
