@@ -22,6 +22,7 @@ import torch
 
 from ckpt_core.errors import ConfigError, KeyMismatchError
 from ckpt_core.families.model_config import CONFIG, TIED_HEAD, transformers_config
+from ckpt_core.families.value_head import build_value_head_model, value_head_rule
 
 __all__ = [
     "ModelLayout",
@@ -83,6 +84,9 @@ def build_meta_model(config: Any) -> Any:
     import transformers
 
     arch = next(iter(getattr(config, "architectures", None) or []), None)
+    value_head = value_head_rule(arch)
+    if value_head is not None:
+        return build_value_head_model(config, value_head)
     classes = [getattr(transformers, arch, None)] if arch else []
     classes += [
         transformers.AutoModelForCausalLM,
