@@ -37,6 +37,10 @@ def add_parsers(subparsers: Any) -> None:
     merge.add_argument("--overwrite", action="store_true")
     merge.add_argument("--workers", type=int, default=2)
     merge.add_argument(
+        "--device", default="cpu", choices=["cpu", "cuda", "auto"],
+        help="where rank pieces are merged and cast (auto: cuda when present); same bytes",
+    )  # fmt: skip
+    merge.add_argument(
         "--wait-for-lock", type=float, metavar="SECONDS",
         help="wait this long for another run writing the same output (default: fail)",
     )  # fmt: skip
@@ -97,6 +101,7 @@ def run_merge(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         workers=args.workers,
         wait_seconds=args.wait_for_lock,
+        device=args.device,
     )
     print(f"{result.message}: {result.tensors} tensors ({result.output_format})")
     return 0

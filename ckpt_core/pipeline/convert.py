@@ -27,6 +27,7 @@ from ckpt_core.io.storage import Location
 from ckpt_core.pipeline import manifest
 from ckpt_core.pipeline.assets import read_asset
 from ckpt_core.pipeline.conversion import ConversionPlan, ConvertOptions, ConvertResult
+from ckpt_core.pipeline.device import DeviceStream, placement_for
 from ckpt_core.pipeline.lora import output_files
 from ckpt_core.pipeline.modelcheck import check_model
 from ckpt_core.pipeline.partial import left_out_names
@@ -183,8 +184,7 @@ def _refuse_unbuilt(options: ConvertOptions) -> None:
     """Flags the CLI and flow already take but this version does not carry out yet."""
     if options.to != "hf":
         raise UsageError(f"--to {options.to}: not supported by this version; use --to hf")
-    if options.device != "cpu":
-        raise UsageError(f"--device {options.device}: not supported by this version; use cpu")
+    placement_for(options.device)  # --device cuda where CUDA is not usable: one line, now
 
 
 # Tests only: slows every tensor so that a test can kill a run at a chosen point.
@@ -192,20 +192,27 @@ _TEST_DELAY_ENV = "CKPTFLOW_TEST_DELAY_PER_TENSOR_SECONDS"
 
 
 def _chunks(
-    plan: ConversionPlan, *, check_overflow: bool = False
+    plan: ConversionPlan, *, check_overflow: bool = False, on_device: bool = False
 ) -> Callable[[str], Iterator[torch.Tensor]]:
     """Source tensors as bounded flat chunks, cast to their output dtype, in reused buffers
     (one stream: the writer's or the verifier's prefetch loop). Only the writer checks casts
-    for overflow (`check_overflow`): the verifier re-casts what the writer already let through."""
+    for overflow (`check_overflow`): the verifier re-casts what the writer already let through.
+    `on_device`: merged and cast where `--device` says (the writer); the verifier stays on the
+    host path, so a device run is checked byte for byte against the CPU's own cast."""
     release_freed_memory()  # every process that writes or verifies: CLI, flow workers, benches
     reader = reader_for(plan)
     index = reader.index()
     buffers = ChunkBuffers()
+    placement = placement_for(plan.options.device) if on_device else None
+    device = DeviceStream(placement) if placement is not None else None
     delay = float(os.environ.get(_TEST_DELAY_ENV, "0") or 0)
 
     def chunks(name: str) -> Iterator[torch.Tensor]:
         if delay:
             time.sleep(delay)
+        if device is not None:
+            dtype = getattr(torch, plan.dtypes[name])
+            return device.chunks(reader, index[name], dtype, check_overflow=check_overflow)
         return source_chunks(
             reader,
             index[name],
@@ -233,7 +240,7 @@ def write_shard(
 
     def attempt() -> FileRecord:
         ensure_unfinished(plan.target)
-        chunks = _chunks(plan, check_overflow=not plan.options.allow_overflow)
+        chunks = _chunks(plan, check_overflow=not plan.options.allow_overflow, on_device=True)
         return write_safetensors(work, shard.filename, layout, chunks, on_bytes)
 
     record = retry.call(work.file(shard.filename), attempt)

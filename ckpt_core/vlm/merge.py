@@ -25,7 +25,8 @@ from ckpt_core.formats.protocol import OpenOptions
 from ckpt_core.formats.torchzip import LazyTorchFile, iter_tensors
 from ckpt_core.io.storage import Location
 from ckpt_core.pipeline import convert as conv
-from ckpt_core.pipeline.conversion import ConversionPlan, ConvertOptions
+from ckpt_core.pipeline.conversion import ConversionPlan, ConvertOptions, Device
+from ckpt_core.pipeline.device import chunk_source, read_whole
 from ckpt_core.pipeline.run import conversion_run
 from ckpt_core.pipeline.verify import ShardCheck, identical
 from ckpt_core.pipeline.writer import FileRecord, hash_file, write_bytes
@@ -57,9 +58,11 @@ def merge(
     overwrite: bool = False,
     workers: int = 2,
     wait_seconds: float | None = None,
+    device: Device = "cpu",
 ) -> MergeResult:
     """`wait_seconds`: how long to wait for another run writing `output_url` (default: fail at
-    once naming it); a merge killed halfway keeps its finished shards for the next run."""
+    once naming it); a merge killed halfway keeps its finished shards for the next run.
+    `device`: where the rank pieces are merged and cast (pipeline/device.py); same bytes."""
     if output_format not in OUTPUT_FORMATS:
         raise UsageError(
             f"unknown --format {output_format!r}: choose {' or '.join(OUTPUT_FORMATS)}"
@@ -71,6 +74,7 @@ def merge(
         overwrite=overwrite,
         open_options=OpenOptions(base=base_url, parallel_size=parallel_size),
         format="tp-ranks",
+        device=device,
     )
     plan = conv.plan_conversion(checkpoint_url, output_url, options)
     with conversion_run(plan, wait_seconds=wait_seconds) as needed:
@@ -92,13 +96,19 @@ def _write_bin(plan: ConversionPlan) -> tuple[list[FileRecord], list[ShardCheck]
     path holds the model in memory (the format allows nothing else); safetensors streams."""
     reader = conv.reader_for(plan)
     names = [n for s in plan.shards for n in s.tensors]
+    index = reader.index()
+    placed = chunk_source(plan.options.device)  # the writer's side; the check below is the host's
 
     def produce(name: str) -> torch.Tensor:
         return reader.read(name).to(getattr(torch, plan.dtypes[name]))
 
+    def produce_placed(name: str) -> torch.Tensor:
+        dtype = getattr(torch, plan.dtypes[name])
+        return read_whole(placed(reader, index[name], dtype), index[name], dtype)
+
     work = Location(plan.target.work_url)
     with work.fs.open(work.file(BIN_FILE), "wb") as handle:
-        torch.save({n: produce(n) for n in names}, handle)
+        torch.save({n: produce_placed(n) for n in names}, handle)
     record = hash_file(work, BIN_FILE)
     written = dict(iter_tensors(LazyTorchFile(work, BIN_FILE).obj))
     if set(written) != set(names):
