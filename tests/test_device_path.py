@@ -10,6 +10,7 @@ their id need a GPU and are skipped without one (bench/gpu_check.sh runs them on
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,12 +22,13 @@ from safetensors.torch import save_file
 
 from ckpt_core.dtypes import TargetDtype
 from ckpt_core.errors import CastOverflowError, UsageError
-from ckpt_core.formats.protocol import Reader, TensorInfo
+from ckpt_core.formats.protocol import OpenOptions, Reader, TensorInfo
 from ckpt_core.formats.registry import open_reader
 from ckpt_core.pipeline import device as dev
 from ckpt_core.pipeline.conversion import ConvertOptions, Device
 from ckpt_core.pipeline.convert import convert
 from ckpt_core.pipeline.stream import ChunkBuffers, source_chunks
+from tests.fixtures.fsdp_cache import FIXTURES_ROOT as FIXTURES
 from tests.fixtures.fsdp_cache import fsdp_fixtures
 from tests.helpers.deepspeed_truth import ckpt, ds_root
 
@@ -258,19 +260,27 @@ def _on_device(where: str, monkeypatch: pytest.MonkeyPatch) -> Device:
     return "cuda"
 
 
-@pytest.mark.parametrize("where", PLACES)
-def test_tp_ranks_merge_is_byte_identical(
-    where: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from ckpt_core.vlm.merge import merge
+@pytest.fixture(scope="module")
+def tp_epoch(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """A tiny Qwen2.5-VL's base dir and a 2-rank tensor-parallel EPOCH_DIR after one step."""
     from ckpt_core.vlm.split import split
     from ckpt_core.vlm.tiny_trainer import train
     from tests.fixtures.tiny_vlm import save_tiny_vlm
 
-    save_tiny_vlm(tmp_path / "base")
-    split(str(tmp_path / "base"), str(tmp_path / "split"))
-    train(str(tmp_path / "split"), str(tmp_path / "epoch"), 2, steps=1)
-    epoch, base = str(tmp_path / "epoch"), str(tmp_path / "base")
+    root = tmp_path_factory.mktemp("tp")
+    save_tiny_vlm(root / "base")
+    split(str(root / "base"), str(root / "split"))
+    train(str(root / "split"), str(root / "epoch"), 2, steps=1)
+    return str(root / "epoch"), str(root / "base")
+
+
+@pytest.mark.parametrize("where", PLACES)
+def test_tp_ranks_merge_is_byte_identical(
+    where: str, tp_epoch: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ckpt_core.vlm.merge import merge
+
+    epoch, base = tp_epoch
     dtypes: tuple[TargetDtype, ...] = ("keep", "bf16")
     for dtype in dtypes:
         merge(epoch, str(tmp_path / f"host-{dtype}"), base, dtype=dtype, max_shard_bytes=300_000)
@@ -281,13 +291,29 @@ def test_tp_ranks_merge_is_byte_identical(
         merge(epoch, str(out), base, dtype=dtype, max_shard_bytes=300_000, device=flag)
         assert _digests(out) == _digests(tmp_path / f"host-{dtype}")
         assert len([p for p in out.iterdir() if p.suffix == ".safetensors"]) > 1
-    assert len(set(seen.names)) == len(open_reader(epoch, _tp_options(base)).index())
+    assert len(set(seen.names)) == len(open_reader(epoch, OpenOptions(base=base)).index())
 
 
-def _tp_options(base: str) -> Any:
-    from ckpt_core.formats.protocol import OpenOptions
+@pytest.mark.parametrize("where", PLACES)
+def test_tp_ranks_merge_to_bin_holds_the_same_tensors(
+    where: str, tp_epoch: tuple[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`merge --format bin` (one torch.save of the whole state dict) through the device."""
+    from ckpt_core.vlm.merge import merge
 
-    return OpenOptions(base=base)
+    epoch, base = tp_epoch
+    merge(epoch, str(tmp_path / "host"), base, dtype="bf16", output_format="bin")
+    seen = _Seen(monkeypatch)
+    flag = _on_device(where, monkeypatch)
+    merge(epoch, str(tmp_path / "device"), base, dtype="bf16", output_format="bin", device=flag)
+    host = torch.load(tmp_path / "host" / "pytorch_model.bin", weights_only=True)
+    placed = torch.load(tmp_path / "device" / "pytorch_model.bin", weights_only=True)
+    assert list(placed) == list(host) and seen.names
+    for name, value in host.items():
+        assert placed[name].dtype == value.dtype and placed[name].shape == value.shape, name
+        assert bytes(placed[name].view(torch.uint8).numpy()) == bytes(
+            value.view(torch.uint8).numpy()
+        ), name
 
 
 @pytest.mark.parametrize("where", PLACES)
@@ -298,12 +324,22 @@ def test_dcp_convert_is_byte_identical(
     _same_as_host(src, tmp_path, monkeypatch, where, base=base)
 
 
+@pytest.fixture(scope="module")
+def deepspeed_cases(request: pytest.FixtureRequest) -> Path:
+    """The DeepSpeed fixtures; where deepspeed is absent (the GPU image) only a cached copy."""
+    cached = any(FIXTURES.glob("deepspeed-*/_COMPLETE"))
+    if importlib.util.find_spec("deepspeed") is None and not cached:
+        pytest.skip("deepspeed is not installed and .fixtures/deepspeed-* is not here: carry it")
+    root: Path = request.getfixturevalue("ds_root")
+    return root
+
+
 @pytest.mark.parametrize("where", PLACES)
 @pytest.mark.parametrize("case", ["stage3_ws3", "stage2"])
 def test_deepspeed_convert_is_byte_identical(
-    where: str, case: str, ds_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    where: str, case: str, deepspeed_cases: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _same_as_host(ckpt(ds_root, case), tmp_path, monkeypatch, where)
+    _same_as_host(ckpt(deepspeed_cases, case), tmp_path, monkeypatch, where)
 
 
 def _same_as_host(
