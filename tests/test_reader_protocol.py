@@ -15,6 +15,7 @@ from ckpt_core.formats.protocol import OpenOptions
 from ckpt_core.formats.registry import FORMATS, open_reader, table
 from ckpt_core.vlm.split import split
 from ckpt_core.vlm.tiny_trainer import train
+from tests.fixtures.bagel_cache import build_bagel_fixtures
 from tests.fixtures.deepspeed_cache import deepspeed_fixtures
 from tests.fixtures.fsdp_cache import build_fsdp_fixtures
 from tests.fixtures.tiny_vlm import save_tiny_vlm
@@ -50,6 +51,10 @@ def _dcp(tmp: Path) -> tuple[str, OpenOptions]:
     return str(build_fsdp_fixtures() / "dcp"), OpenOptions()
 
 
+def _bagel(tmp: Path) -> tuple[str, OpenOptions]:
+    return str(build_bagel_fixtures() / "dcp"), OpenOptions()
+
+
 def _fsdp_ranks(tmp: Path) -> tuple[str, OpenOptions]:
     return str(build_fsdp_fixtures() / "verl"), OpenOptions()
 
@@ -69,6 +74,7 @@ SOURCES: dict[str, Callable[[Path], tuple[str, OpenOptions]]] = {
     "peft-adapter": _peft_adapter,
     "dcp": _dcp,
     "fsdp-ranks": _fsdp_ranks,
+    "bagel": _bagel,
     "tp-ranks": _tp_ranks,
 }
 

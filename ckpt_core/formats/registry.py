@@ -7,7 +7,16 @@ from collections.abc import Iterable
 from types import MappingProxyType
 
 from ckpt_core.errors import FormatError
-from ckpt_core.formats import dcp, deepspeed, fsdp_ranks, hf, peft_adapter, torch_file, tp_ranks
+from ckpt_core.formats import (
+    bagel,
+    dcp,
+    deepspeed,
+    fsdp_ranks,
+    hf,
+    peft_adapter,
+    torch_file,
+    tp_ranks,
+)
 from ckpt_core.formats.protocol import Format, OpenOptions, Reader
 from ckpt_core.io.storage import Location
 
@@ -25,10 +34,12 @@ def table(entries: Iterable[Format]) -> MappingProxyType[str, Format]:
 
 
 # Specific layouts first: a DeepSpeed or rank-file directory also holds torch.save files, and
-# `torch-file` accepts any single one of them.
+# `torch-file` accepts any single one of them. A BAGEL step directory holds DCP folders and
+# rank files of two models: before `dcp` and `fsdp-ranks`.
 FORMATS = table(
     (
         deepspeed.FORMAT,
+        bagel.FORMAT,
         dcp.FORMAT,
         tp_ranks.FORMAT,
         fsdp_ranks.FORMAT,

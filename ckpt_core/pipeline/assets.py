@@ -12,8 +12,19 @@ from ckpt_core.errors import FormatError
 from ckpt_core.families import model_config
 from ckpt_core.families.model_config import CONFIG
 from ckpt_core.io.storage import Location
+from ckpt_core.pipeline.writer import FileRecord, HashingWriter
 
-__all__ = ["ASSET_FILES", "AssetSource", "check_asset", "find_assets", "read_asset", "read_config"]
+__all__ = [
+    "ASSET_FILES",
+    "AssetSource",
+    "check_asset",
+    "copy_asset",
+    "find_assets",
+    "read_asset",
+    "read_config",
+]
+
+_COPY_CHUNK_BYTES = 8 * 2**20
 
 # Config, generation, tokenizer, processor and chat-template files, as transformers saves them.
 ASSET_FILES = (
@@ -70,6 +81,19 @@ def read_asset(asset: AssetSource) -> bytes:
     directory = Location(asset.url)
     check_asset(directory, asset.name)
     return directory.read_bytes(asset.name)
+
+
+def copy_asset(work: Location, asset: AssetSource) -> FileRecord:
+    """Copy an asset into `work` in bounded chunks, hashed as written (a VAE is ~300 MB)."""
+    directory = Location(asset.url)
+    check_asset(directory, asset.name)
+    size = directory.size(asset.name)
+    with work.writing(asset.name) as handle:
+        out = HashingWriter(handle)
+        for start in range(0, size, _COPY_CHUNK_BYTES):
+            end = min(size, start + _COPY_CHUNK_BYTES)
+            out.write(directory.read_bytes(asset.name, start, end))
+    return FileRecord(asset.name, out.size_bytes, out.sha256)
 
 
 def check_asset(directory: Location, name: str) -> None:

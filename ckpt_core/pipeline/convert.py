@@ -19,7 +19,7 @@ from dataclasses import replace
 import torch
 
 from ckpt_core.dtypes import itemsize, output_dtype, parse_target
-from ckpt_core.errors import FormatError, SourceChangedError, UsageError, VerifyError
+from ckpt_core.errors import FormatError, SourceChangedError, VerifyError
 from ckpt_core.formats.protocol import Reader
 from ckpt_core.io import retry
 from ckpt_core.io.stage import remote_stamp, stage_source
@@ -45,6 +45,13 @@ from ckpt_core.pipeline.publish import (
 from ckpt_core.pipeline.run import conversion_run, start
 from ckpt_core.pipeline.source import open_source
 from ckpt_core.pipeline.stream import ChunkBuffers, release_freed_memory, source_chunks
+from ckpt_core.pipeline.targets import (
+    check_flags,
+    plan_training,
+    verify_training,
+    write_training,
+    write_training_index,
+)
 from ckpt_core.pipeline.verify import Report, ShardCheck, combine, verify_shard
 from ckpt_core.pipeline.writer import FileRecord, write_bytes, write_safetensors
 
@@ -142,7 +149,14 @@ def plan_conversion(src_url: str, dst_url: str, options: ConvertOptions) -> Conv
     def out_bytes(name: str) -> int:
         return index[name].numel * itemsize(out[name])
 
-    shards = plan_shards(list(out), out_bytes, files.max_shard_bytes, files.pattern)
+    sources: dict[str, str] = {}
+    if options.to != "hf":  # the model's own state dict, in one DCP or .pth file
+        several = not files.is_model
+        training = plan_training(index, opened, target_dtype, several_models=several)
+        out, shards, sources = dict(training.dtypes), list(training.shards), training.sources
+        dropped = set()  # a strict load needs the tied copies that save_pretrained leaves out
+    else:
+        shards = plan_shards(list(out), out_bytes, files.max_shard_bytes, files.pattern)
     facts = reader.facts()
     source = {
         "url": src_url,
@@ -175,6 +189,7 @@ def plan_conversion(src_url: str, dst_url: str, options: ConvertOptions) -> Conv
         done,
         read_url,
         left_out=left_out_names(read_url, options, opened.format, index),
+        sources=sources,
     )
     _remember(_reader_key(plan), reader)
     return plan
@@ -182,8 +197,7 @@ def plan_conversion(src_url: str, dst_url: str, options: ConvertOptions) -> Conv
 
 def _refuse_unbuilt(options: ConvertOptions) -> None:
     """Flags the CLI and flow already take but this version does not carry out yet."""
-    if options.to != "hf":
-        raise UsageError(f"--to {options.to}: not supported by this version; use --to hf")
+    check_flags(options)  # --to dcp/pth and their flags
     placement_for(options.device)  # --device cuda where CUDA is not usable: one line, now
 
 
@@ -212,10 +226,12 @@ def _chunks(
             time.sleep(delay)
         if device is not None:
             dtype = getattr(torch, plan.dtypes[name])
-            return device.chunks(reader, index[name], dtype, check_overflow=check_overflow)
+            return device.chunks(
+                reader, index[plan.source_of(name)], dtype, check_overflow=check_overflow
+            )
         return source_chunks(
             reader,
-            index[name],
+            index[plan.source_of(name)],  # --to dcp/pth: a tied copy reads what it repeats
             getattr(torch, plan.dtypes[name]),
             buffers=buffers,
             check_overflow=check_overflow,
@@ -236,11 +252,15 @@ def write_shard(
             on_bytes(shard.nbytes)
         return kept
     index = reader_for(plan).index()
-    layout = [(n, getattr(torch, plan.dtypes[n]), index[n].shape) for n in shard.tensors]
+    layout = [
+        (n, getattr(torch, plan.dtypes[n]), index[plan.source_of(n)].shape) for n in shard.tensors
+    ]
 
     def attempt() -> FileRecord:
         ensure_unfinished(plan.target)
         chunks = _chunks(plan, check_overflow=not plan.options.allow_overflow, on_device=True)
+        if plan.options.to != "hf":  # DCP or .pth: that format's own writer (targets.py)
+            return write_training(plan, layout, chunks, on_bytes)
         return write_safetensors(work, shard.filename, layout, chunks, on_bytes)
 
     record = retry.call(work.file(shard.filename), attempt)
@@ -250,6 +270,8 @@ def write_shard(
 
 
 def write_index(plan: ConversionPlan) -> list[FileRecord]:
+    if plan.options.to != "hf":
+        return write_training_index(plan)  # DCP's .metadata
     index = index_json(plan.shards)
     if index is None:
         return []
@@ -265,6 +287,8 @@ def copy_assets(plan: ConversionPlan) -> list[FileRecord]:
 def verify_one(
     plan: ConversionPlan, shard_number: int, on_bytes: OnBytes | None = None
 ) -> ShardCheck:
+    if plan.options.to != "hf":  # re-read by ckptflow's own reader of that format
+        return verify_training(plan, shard_number, _chunks(plan), on_bytes)
     return verify_shard(
         Location(plan.target.work_url), plan.shards[shard_number], _chunks(plan), on_bytes
     )

@@ -9,7 +9,14 @@ from huggingface_hub import split_state_dict_into_shards_factory
 
 from ckpt_core.formats.hf import SAFETENSORS_INDEX
 
-__all__ = ["SAFETENSORS_INDEX", "SAFETENSORS_PATTERN", "ShardSpec", "index_json", "plan_shards"]
+__all__ = [
+    "SAFETENSORS_INDEX",
+    "SAFETENSORS_PATTERN",
+    "ShardSpec",
+    "index_json",
+    "index_jsons",
+    "plan_shards",
+]
 
 SAFETENSORS_PATTERN = "model{suffix}.safetensors"
 
@@ -19,6 +26,10 @@ class ShardSpec:
     filename: str
     tensors: tuple[str, ...]  # output names, in file order
     nbytes: int
+    # Several models in one output (BAGEL main/EMA): the reader's name is source_prefix + name,
+    # and each model's shards have their own index file.
+    source_prefix: str = ""
+    index_name: str = SAFETENSORS_INDEX
 
 
 def plan_shards(
@@ -49,3 +60,12 @@ def index_json(shards: Sequence[ShardSpec]) -> dict[str, object] | None:
         "metadata": {"total_size": sum(s.nbytes for s in shards)},
         "weight_map": {name: shard.filename for shard in shards for name in sorted(shard.tensors)},
     }
+
+
+def index_jsons(shards: Sequence[ShardSpec]) -> dict[str, dict[str, object]]:
+    """Index file name -> its content, one per group of shards sharing an index (a model)."""
+    groups: dict[str, list[ShardSpec]] = {}
+    for shard in shards:
+        groups.setdefault(shard.index_name, []).append(shard)
+    found = {name: index_json(group) for name, group in groups.items()}
+    return {name: index for name, index in found.items() if index is not None}

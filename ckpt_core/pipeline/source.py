@@ -15,7 +15,7 @@ from typing import Any
 from ckpt_core.formats.protocol import Reader
 from ckpt_core.formats.registry import detect, get_format
 from ckpt_core.io.storage import Location
-from ckpt_core.pipeline import lora, prefixes
+from ckpt_core.pipeline import lora, multi_model, prefixes
 from ckpt_core.pipeline.assets import AssetSource, find_assets, read_config
 from ckpt_core.pipeline.conversion import ConvertOptions
 from ckpt_core.pipeline.save_layout import save_layout
@@ -40,6 +40,7 @@ Transform = Callable[[Reader, Source], Reader]
 # In order. Each is a pure function of the reader and the source: applied again by a worker,
 # it gives the same reader.
 TRANSFORMS: Sequence[Transform] = (
+    multi_model.select_models,  # BAGEL main/EMA: the models --models asks for, in the base's form
     lora.lora_transform,
     prefixes.strip_prefixes,
     save_layout,  # last: the names as save_pretrained writes them
