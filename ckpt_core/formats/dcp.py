@@ -363,6 +363,12 @@ class DcpReader:
             runs.append((offsets[0] * row if shape else 0, lazy))
         return runs
 
+    def pieces(self, name: str) -> list[tuple[Box, LazyTensor]]:
+        """Each chunk of a tensor: its box in the tensor and its bytes, read lazily (a format
+        built on DCP reads parts of a tensor from them: Megatron's layer slices)."""
+        entry = lookup(self._entries, name, self.root.url)
+        return [(chunk.box, self._chunk_tensor(entry, chunk)) for chunk in entry.chunks]
+
     def _chunk_tensor(self, entry: _Entry, chunk: _Chunk) -> LazyTensor:
         """A chunk's torch.save blob, parsed once (its pickle names a tensor, nothing else)."""
         key = (chunk.relative, chunk.offset)

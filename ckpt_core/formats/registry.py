@@ -13,6 +13,7 @@ from ckpt_core.formats import (
     deepspeed,
     fsdp_ranks,
     hf,
+    megatron,
     peft_adapter,
     torch_file,
     tp_ranks,
@@ -40,6 +41,7 @@ FORMATS = table(
     (
         deepspeed.FORMAT,
         bagel.FORMAT,
+        megatron.FORMAT,  # a torch_dist dir is DCP plus metadata.json: before dcp
         dcp.FORMAT,
         tp_ranks.FORMAT,
         fsdp_ranks.FORMAT,

@@ -353,6 +353,10 @@ DCP_CLASSES = MappingProxyType(
 )
 
 
+_PLANNER = "torch.distributed.checkpoint.planner"
+_PLANNER_CLASSES = ("SavePlan", "WriteItem", "WriteItemType", "TensorWriteData")
+
+
 def _path(load: _Unpickler, *parts: Any) -> str:
     """StorageMeta.checkpoint_id is a pathlib path: only its text is of interest."""
     if not all(type(p) is str for p in parts):
@@ -364,6 +368,8 @@ DCP_METADATA: Fragment = MappingProxyType(
     {
         **{(_DCP, name): cls for name, cls in DCP_CLASSES.items() if name != "_StorageInfo"},
         ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): DCP_CLASSES["_StorageInfo"],
+        # Megatron-core keeps its cached save plans in `.metadata` (`all_local_plans`): records.
+        **{(_PLANNER, name): stand_in(name) for name in _PLANNER_CLASSES},
         ("torch", "Size"): _SIZE,
         ("torch.serialization", "_get_layout"): _LAYOUT_NAME,
         ("collections", "OrderedDict"): OrderedDict,
