@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent / "ckpt_core"
 # Lowest first. The top-level modules (errors, dtypes, units) are the foundation of all.
-GROUPS = ("", "io", "families", "formats", "pipeline", "vlm")
+GROUPS = ("", "io", "families", "formats", "pipeline", "vlm", "proof")
 
 
 def _group(module: str) -> str:
