@@ -18,6 +18,7 @@ from ckpt_core.vlm.tiny_trainer import train
 from tests.fixtures.bagel_cache import build_bagel_fixtures
 from tests.fixtures.deepspeed_cache import deepspeed_fixtures
 from tests.fixtures.fsdp_cache import build_fsdp_fixtures
+from tests.fixtures.megatron_cache import megatron_fixtures
 from tests.fixtures.tiny_vlm import save_tiny_vlm
 
 
@@ -55,6 +56,11 @@ def _bagel(tmp: Path) -> tuple[str, OpenOptions]:
     return str(build_bagel_fixtures() / "dcp"), OpenOptions()
 
 
+def _megatron(tmp: Path) -> tuple[str, OpenOptions]:
+    case = megatron_fixtures() / "llama_tp2_gqa"
+    return str(case / "ckpt"), OpenOptions(base=str(case / "base"))
+
+
 def _fsdp_ranks(tmp: Path) -> tuple[str, OpenOptions]:
     return str(build_fsdp_fixtures() / "verl"), OpenOptions()
 
@@ -75,6 +81,7 @@ SOURCES: dict[str, Callable[[Path], tuple[str, OpenOptions]]] = {
     "dcp": _dcp,
     "fsdp-ranks": _fsdp_ranks,
     "bagel": _bagel,
+    "megatron": _megatron,
     "tp-ranks": _tp_ranks,
 }
 
