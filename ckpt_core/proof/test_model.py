@@ -121,8 +121,8 @@ def _load(model_class: Any, path: str, dtype: LoadDtype, device: str) -> Any:
     from transformers.utils import logging as hf_logging
 
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     try:
         model, info = model_class.from_pretrained(
             path, dtype=_DTYPES[dtype], output_loading_info=True
@@ -132,7 +132,7 @@ def _load(model_class: Any, path: str, dtype: LoadDtype, device: str) -> Any:
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:
-            hf_logging.enable_progress_bar()
+            hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
     problems = [
         f"{kind.replace('_', ' ')} {len(names)}: {clip([str(n) for n in names], 5)}"
         for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")
