@@ -81,7 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
         "src", help="checkpoint directory or URL (local, /mnt/share, s3://, memory://)"
     )
     convert.add_argument("dst", help="output directory or URL")
-    convert.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32", "keep"])
+    convert.add_argument(
+        "--dtype", choices=["bf16", "fp16", "fp32", "keep"],
+        help="floating-point dtype written (keep: each tensor's stored dtype); default by --to: "
+        "bf16 for hf, keep for dcp (dcp.load casts into the model's own dtype), fp16 for pth",
+    )  # fmt: skip
     convert.add_argument("--max-shard-size", default="5GB", help="e.g. 5GB, 500MB, 200KB, or bytes")
     convert.add_argument("--base", help="HF model dir/URL to take config and tokenizer from")
     convert.add_argument("--overwrite", action="store_true", help="replace a different conversion")

@@ -25,7 +25,7 @@ def convert_flow(
     src: str,
     dst: str,
     *,
-    dtype: TargetDtype = "bf16",
+    dtype: TargetDtype | None = None,  # None: the default of `to` (bf16 for hf)
     max_shard_size: str = "5GB",
     base: str | None = None,
     strip_prefix: list[str] | None = None,

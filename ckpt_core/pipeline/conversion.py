@@ -25,8 +25,11 @@ from ckpt_core.units import parse_size_bytes
 OutputFormat = Literal["hf", "dcp", "pth"]  # what `--to` writes
 ModelChoice = Literal["main", "ema", "both"]  # BAGEL-style sources: which models `--models` writes
 Device = Literal["cpu", "cuda", "auto"]  # where rank pieces are merged and cast
+# `--dtype` when not given, by `--to` (why these: see ckpt_core.pipeline.targets)
+DEFAULT_DTYPES: dict[OutputFormat, TargetDtype] = {"hf": "bf16", "dcp": "keep", "pth": "fp16"}
 
 __all__ = [
+    "DEFAULT_DTYPES",
     "ConversionPlan",
     "ConvertFlags",
     "ConvertOptions",
@@ -72,7 +75,7 @@ class ConvertFlags:
     """The options as `ckptflow convert` and the `convert` flow take them: flat, by name, sizes
     as text. The CLI reads these names off its arguments; the flow has them as parameters."""
 
-    dtype: TargetDtype = "bf16"
+    dtype: TargetDtype | None = None  # None: the default of the `to` format (DEFAULT_DTYPES)
     max_shard_size: str = "5GB"
     base: str | None = None
     strip_prefix: Sequence[str] | None = None
@@ -96,7 +99,7 @@ class ConvertFlags:
     def options(self) -> ConvertOptions:
         """The pipeline's options (the size parsed here, once)."""
         return ConvertOptions(
-            dtype=self.dtype,
+            dtype=self.dtype or DEFAULT_DTYPES[self.to],
             max_shard_bytes=parse_size_bytes(self.max_shard_size),
             base=self.base,
             strip_prefix=tuple(self.strip_prefix or ()),
@@ -141,6 +144,12 @@ class ConversionPlan:
     already_done: bool
     read_url: str = ""  # where readers open it: a --cache-dir copy, else src_url
     left_out: tuple[str, ...] = ()  # --exclude-frozen: what the output lacks (see partial.py)
+    # --to dcp/pth: output name -> the source tensor it reads, where they differ (tied copies)
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def source_of(self, name: str) -> str:
+        """The source tensor an output name reads."""
+        return self.sources.get(name, name)
 
     @property
     def reader_url(self) -> str:

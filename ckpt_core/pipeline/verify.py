@@ -12,13 +12,23 @@ import torch
 
 from ckpt_core.dtypes import to_safetensors
 from ckpt_core.errors import FormatError
+from ckpt_core.formats.protocol import Reader
 from ckpt_core.formats.safetensors_header import read_elements, read_header
 from ckpt_core.io.storage import Location
 from ckpt_core.pipeline.plan import ShardSpec
-from ckpt_core.pipeline.stream import ChunkBuffers, prefetch
+from ckpt_core.pipeline.stream import ChunkBuffers, RangeReader, prefetch
 from ckpt_core.units import format_bytes
 
-__all__ = ["Report", "ShardCheck", "Tally", "combine", "identical", "same_bytes", "verify_shard"]
+__all__ = [
+    "Report",
+    "ShardCheck",
+    "Tally",
+    "combine",
+    "identical",
+    "same_bytes",
+    "verify_read_back",
+    "verify_shard",
+]
 
 
 @dataclass(frozen=True)
@@ -134,6 +144,55 @@ def verify_shard(
     differs.update(n for n in shard.tensors if position[n] != math.prod(header.entries[n].shape))
     dtypes = Counter(to_safetensors(header.entries[n].dtype) for n in shard.tensors)
     total = sum(e.end - e.begin for e in header.entries.values())
+    mismatches = tuple(n for n in shard.tensors if n in differs)
+    return ShardCheck(len(shard.tensors), total, dict(dtypes), mismatches, shard.filename)
+
+
+def verify_read_back(
+    written: Reader,
+    shard: ShardSpec,
+    expected: Callable[[str], Iterator[torch.Tensor]],
+    on_bytes: Callable[[int], None] | None = None,
+) -> ShardCheck:
+    """`verify_shard` for an output that ckptflow's own reader of its format re-reads (a DCP
+    directory, a .pth file): the same names, and each tensor's bytes, chunk by chunk."""
+    index = written.index()
+    if set(index) != set(shard.tensors):
+        extra = sorted(set(index) - set(shard.tensors))
+        lacking = sorted(set(shard.tensors) - set(index))
+        raise FormatError(
+            f"{written.root.file(shard.filename)}: holds other tensors than planned "
+            f"(unplanned: {extra[:5]}, lacking: {lacking[:5]})"
+        )
+
+    def produced() -> Iterator[tuple[str, torch.Tensor]]:
+        for name in shard.tensors:
+            for chunk in expected(name):
+                yield name, chunk
+
+    differs: set[str] = set()
+    position = dict.fromkeys(shard.tensors, 0)
+    whole: tuple[str, torch.Tensor] | None = None  # a reader without ranged reads: one tensor
+    for name, source in prefetch(produced()):
+        info = index[name]
+        start, count = position[name], source.numel()
+        position[name] += count
+        if source.dtype != info.dtype or position[name] > info.numel:
+            differs.add(name)
+            continue
+        if isinstance(written, RangeReader):
+            back = written.read_range(name, start, count)
+        else:
+            if whole is None or whole[0] != name:
+                whole = (name, written.read(name).reshape(-1))
+            back = whole[1][start : start + count]
+        if not same_bytes(back, source):
+            differs.add(name)
+        if on_bytes:
+            on_bytes(count * source.element_size())
+    differs.update(n for n in shard.tensors if position[n] != index[n].numel)
+    dtypes = Counter(to_safetensors(index[n].dtype) for n in shard.tensors)
+    total = sum(index[n].nbytes for n in shard.tensors)
     mismatches = tuple(n for n in shard.tensors if n in differs)
     return ShardCheck(len(shard.tensors), total, dict(dtypes), mismatches, shard.filename)
 

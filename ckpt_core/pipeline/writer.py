@@ -4,10 +4,12 @@ in memory. The file is hashed as it is written, for the manifest."""
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -18,6 +20,7 @@ from ckpt_core.pipeline.stream import prefetch
 
 __all__ = [
     "FileRecord",
+    "HashingStream",
     "HashingWriter",
     "SAFETENSORS_METADATA",
     "hash_file",
@@ -58,6 +61,30 @@ class HashingWriter:
     def sha256(self) -> str:
         self._hasher.shutdown()
         return self._hash.hexdigest()
+
+
+class HashingStream(io.RawIOBase):
+    """A HashingWriter as the file object that torch.save and DCP's writer write into: `tell`
+    is the count of bytes written (DCP's offsets)."""
+
+    def __init__(self, handle: object) -> None:
+        super().__init__()
+        self._out = HashingWriter(handle)
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        self._out.write(view)
+        return len(view)
+
+    def tell(self) -> int:
+        return self._out.size_bytes
+
+    def record(self, name: str) -> FileRecord:
+        """Once written: the file's size and sha256."""
+        return FileRecord(name, self._out.size_bytes, self._out.sha256)
 
 
 def write_safetensors(
