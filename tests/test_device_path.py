@@ -50,9 +50,15 @@ def _placement(where: str, window_bytes: int = 2**62) -> dev.Placement:
     return dev.Placement(torch.device(where), window_bytes)
 
 
-def _joined(chunks: Iterator[torch.Tensor]) -> bytes:
-    """The chunks' bytes, copied as they come (the buffers are reused)."""
-    return b"".join(bytes(c.contiguous().view(torch.uint8).numpy()) for c in chunks)
+def _joined(chunks: Iterator[torch.Tensor], sizes: list[int] | None = None) -> bytes:
+    """The chunks' bytes, copied as they come (the buffers are reused); their element counts
+    appended to `sizes`."""
+    parts = []
+    for chunk in chunks:
+        parts.append(bytes(chunk.contiguous().view(torch.uint8).numpy()))
+        if sizes is not None:
+            sizes.append(chunk.numel())
+    return b"".join(parts)
 
 
 def _edge_values() -> torch.Tensor:
@@ -124,9 +130,11 @@ def test_edge_values_cast_to_the_host_paths_bytes(where: str, whole: bool, tmp_p
                 continue
             if not index[name].dtype.is_floating_point:
                 out = index[name].dtype
-            host = _joined(source_chunks(reader, index[name], out, buffers=ChunkBuffers()))
-            placed = _joined(stream.chunks(reader, index[name], out))
+            spans: tuple[list[int], list[int]] = ([], [])
+            host = _joined(source_chunks(reader, index[name], out, 1024, ChunkBuffers()), spans[0])
+            placed = _joined(stream.chunks(reader, index[name], out), spans[1])
             assert placed == host, (name, out)
+            assert spans[1] == spans[0], (name, out)  # the same chunks, element for element
             if name != "empty":
                 assert len(host) == index[name].numel * out.itemsize
 

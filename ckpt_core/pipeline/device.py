@@ -96,18 +96,20 @@ def placement_for(flag: str, *, option: str = "--device") -> Placement | None:
     raise UsageError(f"{option} cuda: CUDA is not available: {why}; use {option} cpu or auto")
 
 
-def chunk_source(flag: str, *, option: str = "--device") -> ChunkSource:
+def chunk_source(
+    flag: str, *, option: str = "--device", chunk_bytes: int = CHUNK_BYTES
+) -> ChunkSource:
     """Source tensors as flat host chunks cast to a dtype, for one consumer stream: through the
-    device `flag` names, or the host path (`source_chunks`). The hook other commands
-    (`verify --device`) call; chunks live in reused buffers, so the consumer is done with one
-    before asking for the one after next (as with ChunkBuffers)."""
+    device `flag` names, or the host path (`source_chunks`); the same spans either way. The hook
+    other commands (`verify --device`) call; chunks live in reused buffers, so the consumer is
+    done with one before asking for the one after next (as with ChunkBuffers)."""
     placement = placement_for(flag, option=option)
     if placement is not None:
-        return DeviceStream(placement).chunks
+        return DeviceStream(placement, chunk_bytes).chunks
     buffers = ChunkBuffers()
 
     def host(reader: Reader, info: TensorInfo, out_dtype: torch.dtype) -> Iterator[torch.Tensor]:
-        return source_chunks(reader, info, out_dtype, buffers=buffers)
+        return source_chunks(reader, info, out_dtype, chunk_bytes, buffers)
 
     return host
 
@@ -188,8 +190,8 @@ class DeviceStream:
         *,
         check_overflow: bool = False,
     ) -> Iterator[torch.Tensor]:
-        """A tensor as flat host chunks in `out_dtype`, merged and cast on the device; every
-        chunk lives in a reused buffer (as `source_chunks` with ChunkBuffers)."""
+        """A tensor as flat host chunks in `out_dtype`, merged and cast on the device: the spans
+        `source_chunks` yields (on the wider dtype), each in a reused buffer (see ChunkBuffers)."""
         if not info.numel:
             yield from source_chunks(reader, info, out_dtype)
             return
@@ -197,6 +199,7 @@ class DeviceStream:
         widest = max(itemsize(info.dtype), itemsize(out_dtype))
         step = max(1, self.chunk_bytes // widest)  # host-path chunk: windows are whole chunks
         window = max(step, self.placement.window_bytes // per_element // step * step)
+        wider = info.dtype if itemsize(info.dtype) >= itemsize(out_dtype) else out_dtype
         whole = None if isinstance(reader, RangeReader) else reader.read(info.name).reshape(-1)
         check = check_overflow and narrows_range(info.dtype, out_dtype)
         for first in range(0, info.numel, window):
@@ -204,7 +207,7 @@ class DeviceStream:
             # Passed, not named here: the cast's frame alone holds the window and lets it go
             # once cast.
             yield from self._cast_down(
-                info.name, self._place(reader, info, first, count, whole), out_dtype, check=check
+                info.name, self._place(reader, info, first, count, whole), out_dtype, wider, check
             )
 
     def _place(
@@ -234,14 +237,19 @@ class DeviceStream:
         return placed
 
     def _cast_down(
-        self, name: str, source: torch.Tensor, out_dtype: torch.dtype, *, check: bool
+        self,
+        name: str,
+        source: torch.Tensor,
+        out_dtype: torch.dtype,
+        wider: torch.dtype,
+        check: bool,
     ) -> Iterator[torch.Tensor]:
         """Cast on the device, then back to the host chunk by chunk."""
         if source.dtype != out_dtype and source.is_floating_point():
             with self._on_stream():
                 has_nan = bool(torch.isnan(source).any())
             if has_nan:  # the CPU's NaN bytes, not the device's canonical NaN
-                yield from self._cast_on_host(name, source, out_dtype, check=check)
+                yield from self._cast_on_host(name, source, out_dtype, wider, check)
                 return
         with self._on_stream():
             out = source if source.dtype == out_dtype else source.to(out_dtype)
@@ -249,7 +257,7 @@ class DeviceStream:
                 check_cast(name, source, out)
         del source  # the cast is queued on this stream: its memory is reused in order
         cuda = self.placement.is_cuda
-        for start, n in chunk_spans(out.numel(), out_dtype, self.chunk_bytes):
+        for start, n in chunk_spans(out.numel(), wider, self.chunk_bytes):
             _, host = self._down.take(n, out_dtype)
             with self._on_stream():
                 host.copy_(out[start : start + n], non_blocking=cuda)
@@ -257,12 +265,16 @@ class DeviceStream:
             yield host
 
     def _cast_on_host(
-        self, name: str, source: torch.Tensor, out_dtype: torch.dtype, *, check: bool
+        self,
+        name: str,
+        source: torch.Tensor,
+        out_dtype: torch.dtype,
+        wider: torch.dtype,
+        check: bool,
     ) -> Iterator[torch.Tensor]:
         """The stored values back to the host in chunks, cast there (as the host path does)."""
-        widest = source.dtype if itemsize(source.dtype) >= itemsize(out_dtype) else out_dtype
         cuda = self.placement.is_cuda
-        for start, n in chunk_spans(source.numel(), widest, self.chunk_bytes):
+        for start, n in chunk_spans(source.numel(), wider, self.chunk_bytes):
             slot, stored = self._up.take(n, source.dtype)
             with self._on_stream():
                 stored.copy_(source[start : start + n], non_blocking=cuda)
