@@ -47,11 +47,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 
 echo "== tests/test_device_path.py (the cuda cases and the device code placed on the CPU)"
 # --noconftest: tests/conftest.py sets up Prefect, which these tests do not use.
-timeout 300 "$PY" -m pytest -q -p no:cacheprovider --noconftest tests/test_device_path.py -rs
+timeout 240 "$PY" -m pytest -q -p no:cacheprovider --noconftest tests/test_device_path.py -rs
 tests_rc=$?
 
 echo "== bench (bench/gpu.py)"
-timeout 360 "$PY" bench/gpu.py --repeat 2 --layers "${GPU_CHECK_LAYERS:-20}"
+timeout 300 "$PY" bench/gpu.py --repeat 2 --layers "${GPU_CHECK_LAYERS:-20}"
 bench_rc=$?
 
 echo "gpu_check: tests exit $tests_rc, bench exit $bench_rc"
