@@ -69,6 +69,8 @@ class FilesCheck:
     index_failures: list[Failure]
     reader: Reader | None  # None: no weights could be read at all
     files_of: dict[str, str]  # tensor -> the file holding it
+    index_file: str = ""  # the index json, or the one weights file
+    unreadable: frozenset[str] = frozenset()  # indexed tensors in a file that could not be read
 
 
 def check_files(root: Location, *, read_all: bool = True) -> FilesCheck:
@@ -87,10 +89,24 @@ def check_files(root: Location, *, read_all: bool = True) -> FilesCheck:
         ]  # fmt: skip
         return FilesCheck(manifest_detail, "no weights", manifest_failures, failures, None, {})
     files_of = reader.files_of() if reader else {}
+    unreadable = frozenset(reader.unreadable) if reader else frozenset()
     out_reader = reader.reader if reader else None
     if read_all and out_reader is not None:
         failures += _read_every_tensor(out_reader, files_of, skip_files=hashed)
-    return FilesCheck(manifest_detail, detail, manifest_failures, failures, out_reader, files_of)
+    index_file = next(
+        (n for n in (SAFETENSORS_INDEX, SAFETENSORS_SINGLE, BIN_INDEX, BIN_SINGLE) if n in names),
+        "",
+    )
+    return FilesCheck(
+        manifest_detail,
+        detail,
+        manifest_failures,
+        failures,
+        out_reader,
+        files_of,
+        index_file,
+        unreadable,
+    )
 
 
 def _check_manifest(root: Location) -> tuple[list[Failure], set[str], str]:
@@ -139,6 +155,7 @@ def _check_manifest(root: Location) -> tuple[list[Failure], set[str], str]:
 class _Files:
     reader: Reader
     owner: dict[str, str]
+    unreadable: set[str] = field(default_factory=set)
 
     def files_of(self) -> dict[str, str]:
         return dict(self.owner)
@@ -175,8 +192,10 @@ def _check_safetensors(root: Location, names: set[str]) -> tuple[list[Failure], 
                 continue
             owner[name] = file
             out.tensors[name] = StoredTensor(root, file, entry)
+    unreadable: set[str] = set()
     if weight_map is not None:
         readable = set(files) - {f.file for f in failures}
+        unreadable = {n for n, f in weight_map.items() if f not in readable}
         for name, file in sorted(weight_map.items()):
             if file in readable and owner.get(name) != file:
                 failures.append(Failure("index", file, name, f"indexed in {SAFETENSORS_INDEX} "
@@ -187,7 +206,7 @@ def _check_safetensors(root: Location, names: set[str]) -> tuple[list[Failure], 
             if name not in weight_map
         ]
     detail = f"{len(files)} safetensors file(s), {len(owner)} tensors: headers whole, no overlaps"
-    return failures, _Files(out, owner), detail
+    return failures, _Files(out, owner, unreadable), detail
 
 
 def _tensors_past_end(root: Location, file: str) -> list[str]:

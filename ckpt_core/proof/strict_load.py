@@ -6,7 +6,7 @@ no more memory than a tiny one's. Missing, unexpected and wrongly shaped keys ar
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,12 +61,21 @@ def check_keys(
     *,
     config_at: str,
     files_of: Mapping[str, str],
+    index_file: str = "",
+    unreadable: Collection[str] = (),
 ) -> KeysCheck:
+    """`index_file`: what a missing tensor's failure names (the index that should list it);
+    `unreadable`: indexed tensors whose file is broken (reported there, not as missing)."""
     layout = model_layout(config, config_at)
     failures = [
-        Failure("keys", "", name, f"missing: {layout.architecture} has it and would load it random")
+        Failure(
+            "keys",
+            index_file,
+            name,
+            f"missing: {layout.architecture} has it and would load it random",
+        )
         for name in layout.saved
-        if name not in index
+        if name not in index and name not in unreadable
     ]
     failures += [
         Failure("keys", files_of.get(name, ""), name, f"unexpected: {layout.architecture} has no such weight")

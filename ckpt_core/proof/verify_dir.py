@@ -58,9 +58,19 @@ def verify_dir(
         report.skip("keys", f"no {CONFIG} in OUT (pass --base DIR to check the keys)")
     else:
         try:
-            keys = check_keys(out.index(), config, config_at=config_at, files_of=files.files_of)
+            keys = check_keys(
+                out.index(),
+                config,
+                config_at=config_at,
+                files_of=files.files_of,
+                index_file=files.index_file,
+                unreadable=files.unreadable,
+            )
             layout = keys.layout
-            report.add("keys", keys.failures, keys.detail)
+            broken = (
+                f"; {len(files.unreadable)} in broken files unchecked" if files.unreadable else ""
+            )
+            report.add("keys", keys.failures, keys.detail + broken)
         except CkptError as e:
             report.add("keys", [Failure("keys", CONFIG, "", str(e))], "")
     if against is None:
@@ -116,7 +126,13 @@ def _against(
     target = target_dtype(files.reader.index(), _recorded_dtype(Location(out_url)))
     tied = dict(layout.tied) if layout is not None else {}
     result = compare_tensors(
-        files.reader, ref, target=target, tolerance=tolerance, tied=tied, files_of=files.files_of
+        files.reader,
+        ref,
+        target=target,
+        tolerance=tolerance,
+        tied=tied,
+        files_of=files.files_of,
+        unreadable=files.unreadable,
     )
     report.diffs = result.diffs
     worst = max((d.max_abs_diff for d in result.diffs), default=0.0)
