@@ -6,7 +6,8 @@ classes a DTensor pickle names), so nothing runs; each DTensor becomes a `DTenso
 placements, mesh coordinate, global shape and a LazyTensor for the local piece). A tensor is merged by placement: Shard(d) pieces are placed at their offsets on
 dim d (torch.chunk sizes, so an uneven last shard is handled), Replicate pieces must agree.
 Plain tensors are replicated (every rank holds the whole tensor): they are compared, never
-concatenated. Each merged tensor is materialised from its rank pieces by ranged reads.
+concatenated. FSDP1 `SHARDED_STATE_DICT` values (BAGEL's fallback files) are ShardedTensors,
+replayed with the `SHARDED_TENSOR` fragment: each local shard carries its own offsets. Each merged tensor is materialised from its rank pieces by ranged reads.
 """
 
 from __future__ import annotations
@@ -23,7 +24,15 @@ from ckpt_core.errors import FormatError, KeyMismatchError, clip
 from ckpt_core.formats.dcp import Box, check_cover, fill_from, region
 from ckpt_core.formats.protocol import OpenOptions, Reader, SourceFacts, TensorInfo, lookup
 from ckpt_core.formats.torchzip import LazyTensor, LazyTorchFile, iter_leaves
-from ckpt_core.formats.unpickle import DTENSOR, DTensorRef, Replicate, Shard, StridedShard
+from ckpt_core.formats.unpickle import (
+    DTENSOR,
+    SHARDED_TENSOR,
+    DTensorRef,
+    Replicate,
+    Shard,
+    ShardedTensorRef,
+    StridedShard,
+)
 from ckpt_core.io.storage import Location
 
 __all__ = [
@@ -81,6 +90,34 @@ def _shard_box(name: str, ref: DTensorRef, rank: int, world: int) -> Box | None:
     return (tuple(offsets), tuple(sizes)) if sharded else None
 
 
+# FSDP2 values are DTensors; FSDP1 SHARDED_STATE_DICT values (BAGEL's fallback) ShardedTensors.
+_RANK_FILE_GLOBALS = {**DTENSOR, **SHARDED_TENSOR}
+
+
+def _sharded_pieces(
+    where: str, name: str, values: Sequence[ShardedTensorRef]
+) -> tuple[TensorInfo, list[_Piece]]:
+    """A ShardedTensor's local shards on every rank, placed at their own offsets (a rank may
+    hold none: torch.chunk gives fewer chunks than ranks for a short tensor)."""
+    head = values[0]
+    pieces = []
+    for rank, ref in enumerate(values):
+        if (ref.shape, ref.dtype) != (head.shape, head.dtype):
+            raise FormatError(
+                f"{where}: rank {rank} says {ref.dtype} {list(ref.shape)}, rank 0 says "
+                f"{head.dtype} {list(head.shape)}"
+            )
+        for box, local in ref.shards:
+            if tuple(local.shape) != box[1] or local.dtype != head.dtype:
+                raise FormatError(
+                    f"{where}: rank {rank} holds {local.dtype} {list(local.shape)} for a shard "
+                    f"of size {list(box[1])}"
+                )
+            pieces.append(_Piece(rank, box, local))
+    check_cover(where, head.shape, [p.box for p in pieces if p.box], duplicates=True)
+    return TensorInfo(name, head.dtype, head.shape), pieces
+
+
 class FsdpRanksReader:
     def __init__(self, root: Location, files: list[str], world: int, notes: list[str]) -> None:
         self.root = root
@@ -90,23 +127,28 @@ class FsdpRanksReader:
         self._infos: dict[str, TensorInfo] = {}
         per_rank: list[dict[str, Any]] = []
         for relative in files:
-            lazy = LazyTorchFile(root, relative, extra_globals=DTENSOR)
+            lazy = LazyTorchFile(root, relative, extra_globals=_RANK_FILE_GLOBALS)
             if not isinstance(lazy.obj, Mapping):
                 raise FormatError(
                     f"{lazy.where}: expected a state dict, found {type(lazy.obj).__name__}"
                 )
-            per_rank.append(dict(iter_leaves(lazy.obj, (LazyTensor, DTensorRef))))
+            per_rank.append(dict(iter_leaves(lazy.obj, (LazyTensor, DTensorRef, ShardedTensorRef))))
         check_same_names(root, files, per_rank)
         for name in per_rank[0]:
             self._plan(name, [tensors[name] for tensors in per_rank], world)
 
     def _plan(self, name: str, values: list[Any], world: int) -> None:
         where = f"{self.root.url}: tensor {name}"
-        kinds = {isinstance(v, DTensorRef) for v in values}
+        kinds = {type(v) for v in values}
         if len(kinds) != 1:
-            raise FormatError(f"{where} is a DTensor on some ranks and a plain tensor on others")
+            raise FormatError(
+                f"{where} is stored differently across ranks (DTensor, ShardedTensor or plain "
+                "tensor on some ranks, another kind on others)"
+            )
         pieces: list[_Piece] = []
-        if isinstance(values[0], DTensorRef):
+        if isinstance(values[0], ShardedTensorRef):
+            info, pieces = _sharded_pieces(where, name, values)
+        elif isinstance(values[0], DTensorRef):
             head: DTensorRef = values[0]
             for rank, ref in enumerate(values):
                 if (ref.shape, ref.dtype) != (head.shape, head.dtype):

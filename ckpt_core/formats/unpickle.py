@@ -39,12 +39,14 @@ __all__ = [
     "DCP_METADATA",
     "DEEPSPEED",
     "DTENSOR",
+    "SHARDED_TENSOR",
     "TENSORS",
     "DTensorRef",
     "Fragment",
     "Recorded",
     "Replicate",
     "Shard",
+    "ShardedTensorRef",
     "StorageRef",
     "StorageType",
     "StridedShard",
@@ -413,6 +415,8 @@ def _rebuild_from_type_v2(
         # A plain tensor or Parameter with Python state: the data is func(*args); its state
         # does not matter for weights.
         return func(*args)
+    if func is _WrapperArgs and new_type is _ShardedTensor:
+        return _sharded_tensor(_load, args, state)
     if func is not _WrapperArgs or new_type is not _DTensor:
         raise FormatError(
             f"unexpected tensor subclass rebuild {short_repr(func)} -> {short_repr(new_type)}"
@@ -446,7 +450,78 @@ def _rebuild_from_type_v2(
     )
 
 
+# -- FSDP1 SHARDED_STATE_DICT values: ShardedTensor (BAGEL's per-rank fallback files) -------
+_ShardedTensor = stand_in("ShardedTensor")  # only ever the `new_type` of a rebuild
+_LocalShard = stand_in("Shard")  # sharded_tensor.shard.Shard: a local tensor and its metadata
+_ShardMetadata = stand_in("ShardMetadata")
+_ProcessGroupState = stand_in("ProcessGroupState")
+
+
+@dataclass
+class ShardedTensorRef:
+    """A ShardedTensor: global shape and this rank's local shards as ((offsets, sizes), piece)."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    shards: tuple[tuple[tuple[tuple[int, ...], tuple[int, ...]], LazyTensor], ...]
+
+
+def _sharded_tensor(load: _Unpickler, args: Any, state: Any) -> ShardedTensorRef:
+    """`ShardedTensor.__getstate__` is (local_shards, metadata, pg_state, spec, init_rrefs)."""
+    if not isinstance(args, tuple) or len(args) < 3 or not isinstance(args[1], torch.dtype):
+        raise FormatError(f"{load.where}: a ShardedTensor without dtype and size")
+    shape = _ints(load, args[2], "size")
+    if not isinstance(state, tuple) or not state or not isinstance(state[0], list):
+        raise FormatError(f"{load.where}: a ShardedTensor without its local shards")
+    shards = []
+    for shard in state[0]:
+        tensor, meta = (
+            (shard.field("tensor"), shard.field("metadata"))
+            if isinstance(shard, _LocalShard)
+            else (None, None)
+        )
+        if not isinstance(tensor, TensorRef) or not isinstance(meta, _ShardMetadata):
+            raise FormatError(f"{load.where}: a ShardedTensor local shard without tensor/metadata")
+        box = (
+            _ints(load, meta.field("shard_offsets"), "shard offsets"),
+            _ints(load, meta.field("shard_sizes"), "shard sizes"),
+        )
+        shards.append((box, tensor))
+    return ShardedTensorRef(args[1], shape, tuple(shards))  # type: ignore[arg-type]
+
+
+def _getattr(load: _Unpickler, obj: Any, name: Any) -> Any:
+    """`getattr(ShardedTensor, "ProcessGroupState")`, the one attribute such a pickle reads."""
+    if obj is _ShardedTensor and name == "ProcessGroupState":
+        return _ProcessGroupState
+    raise FormatError(f"{load.where}: refused getattr({short_repr(obj)}, {short_repr(name)})")
+
+
 _REBUILD_FROM_TYPE = _Call(_rebuild_from_type_v2)
+_ST = "torch.distributed._shard.sharded_tensor"
+# The globals FSDP1 ShardedTensor pickles name (torch 2.13), beside the DTensor rebuild.
+SHARDED_TENSOR: Fragment = MappingProxyType(
+    {
+        ("torch._tensor", "_rebuild_from_type_v2"): _REBUILD_FROM_TYPE,
+        ("torch._utils", "_rebuild_wrapper_subclass"): _WrapperArgs,
+        ("torch.serialization", "_get_layout"): _LAYOUT_NAME,
+        (f"{_ST}.api", "ShardedTensor"): _ShardedTensor,
+        (f"{_ST}.shard", "Shard"): _LocalShard,
+        ("torch.distributed._shard.metadata", "ShardMetadata"): _ShardMetadata,
+        ("torch.distributed.remote_device", "_remote_device"): stand_in("_remote_device"),
+        (f"{_ST}.metadata", "ShardedTensorMetadata"): stand_in("ShardedTensorMetadata"),
+        (f"{_ST}.metadata", "TensorProperties"): stand_in("TensorProperties"),
+        (f"{_ST}.metadata", "MEM_FORMAT_ENCODING"): stand_in("MEM_FORMAT_ENCODING"),
+        ("torch.distributed._shard.sharding_spec.api", "EnumerableShardingSpec"): stand_in(
+            "EnumerableShardingSpec"
+        ),
+        (
+            "torch.distributed._shard.sharding_spec.chunk_sharding_spec",
+            "ChunkShardingSpec",
+        ): stand_in("ChunkShardingSpec"),
+        ("builtins", "getattr"): _Call(_getattr),
+    }
+)
 _TP = "torch.distributed.tensor.placement_types"
 _SPEC = "torch.distributed.tensor._dtensor_spec"
 _LAYOUT = "torch.distributed._mesh_layout"
@@ -497,6 +572,9 @@ DEEPSPEED: Fragment = MappingProxyType(
 
 
 # -- the unpickler --------------------------------------------------------------------------
+_PY2_MODULES = {"__builtin__": "builtins"}
+
+
 class _Unpickler(pickle.Unpickler):
     """One load: its file's name, allow-list and tensor maker (none for plain pickles)."""
 
@@ -509,6 +587,8 @@ class _Unpickler(pickle.Unpickler):
         self._tensor = tensor
 
     def find_class(self, module: str, name: str) -> Any:
+        # Protocol-2 pickles name Python 2's module (pickle's own fix_imports does the same).
+        module = _PY2_MODULES.get(module, module)
         try:
             found = self._allowed[(module, name)]
         except KeyError:
