@@ -28,6 +28,7 @@ from ckpt_core.io.storage import Location
 __all__ = ["FORMAT", "METADATA", "BagelFormat", "BagelReader"]
 
 METADATA = "metadata.json"
+_MAX_METADATA_BYTES = 1_000_000  # a few fields; BAGEL's is ~200 bytes
 SHARDED = "sharded"
 _DCP_DIRS = {"main": "model_sharded", "ema": "ema_sharded"}
 _RANK_FILES = {"main": "model_rank{:05d}.pt", "ema": "ema_rank{:05d}.pt"}
@@ -43,6 +44,8 @@ _TRAINER_STATE = re.compile(
 
 def read_metadata(root: Location) -> dict[str, Any]:
     where = root.file(METADATA)
+    if root.size(METADATA) > _MAX_METADATA_BYTES:
+        raise FormatError(f"{where}: larger than any trainer's metadata (corrupt or hostile file)")
     try:
         parsed = json.loads(root.read_text(METADATA))
     except (ValueError, UnicodeDecodeError) as e:
