@@ -13,6 +13,7 @@ __all__ = [
     "ConfigError",
     "FormatError",
     "KeyMismatchError",
+    "LockLostError",
     "PublishError",
     "SourceChangedError",
     "StorageFullError",
@@ -76,6 +77,11 @@ class SourceChangedError(CkptError):
 
 class PublishError(CkptError):
     """The destination cannot be written as asked (exists, differs, is the source)."""
+
+
+class LockLostError(PublishError):
+    """This run's destination lock was taken over (judged stale) or lost: it stops writing and
+    cleans up nothing, since the destination may now be another run's."""
 
 
 class StorageUnavailableError(CkptError):

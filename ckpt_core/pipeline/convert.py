@@ -165,7 +165,7 @@ def plan_conversion(src_url: str, dst_url: str, options: ConvertOptions) -> Conv
         "notes": list(facts.notes),
         "keys": checked.keys,
     }
-    target = target_for(dst)
+    target = target_for(dst, overwrite=options.overwrite)
     done = check_destination(dst, manifest.identity(source, options.recorded()), options.overwrite)
     warnings = (
         ()
@@ -270,6 +270,7 @@ def write_shard(
 
 
 def write_index(plan: ConversionPlan) -> list[FileRecord]:
+    ensure_unfinished(plan.target)  # still this run's destination (the lock's fencing token)
     if plan.options.to != "hf":
         return write_training_index(plan)  # DCP's .metadata
     index = index_json(plan.shards)
@@ -280,6 +281,7 @@ def write_index(plan: ConversionPlan) -> list[FileRecord]:
 
 
 def copy_assets(plan: ConversionPlan) -> list[FileRecord]:
+    ensure_unfinished(plan.target)
     work = Location(plan.target.work_url)
     return [write_bytes(work, a.name, read_asset(a)) for a in plan.assets]
 
@@ -330,6 +332,7 @@ def publish(plan: ConversionPlan, files: Sequence[FileRecord], result: Report) -
         summary["left_out"] = len(result.left_out)
         summary["left_out_names"] = list(result.left_out)
     data = manifest.build(plan.source, plan.options.recorded(), files, summary)
+    ensure_unfinished(plan.target)
     record = write_bytes(Location(plan.target.work_url), manifest.MANIFEST, data)
     finalize(plan.target, (*files, record))
     return ConvertResult(

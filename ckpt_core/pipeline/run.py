@@ -9,8 +9,9 @@ thread pool), the Prefect `convert` flow (shards as mapped tasks) and the VLM me
 It holds the destination for the whole run (a second run to it waits up to `wait_seconds`
 or fails naming the holder), checks again under the lock that the work is still needed,
 starts (keeping a previous attempt's finished shards of the same plan), and when the body
-fails keeps resumable work for a rerun or discards it (`publish.abandon`). A refused
-storage operation (missing file, permission denied) becomes its one-line `CkptError`.
+fails keeps resumable work for a rerun or discards it (`publish.abandon`; never after the lock
+was lost: the destination may be another run's by then). A refused storage operation (missing
+file, permission denied) becomes its one-line `CkptError`.
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ def conversion_run(plan: ConversionPlan, *, wait_seconds: float | None = None) -
     if wait_seconds is None:
         wait_seconds = float(os.environ.get("CKPTFLOW_LOCK_WAIT_SECONDS", "0"))
     try:
-        with destination_lock(Location(plan.target.dst_url), wait_seconds):
+        dst = Location(plan.target.dst_url)
+        # The plan's owner id is the lock's fencing token: every write checks it (publish).
+        with destination_lock(dst, wait_seconds, owner=plan.target.owner or None):
             # Another run may have published while this one waited for the lock.
             if not _still_needed(plan):
                 yield False
