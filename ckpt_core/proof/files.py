@@ -82,7 +82,12 @@ def check_files(root: Location, *, read_all: bool = True) -> FilesCheck:
         failures, reader, detail = _check_safetensors(root, names)
     elif BIN_INDEX in names or BIN_SINGLE in names:
         failures, reader, detail = _check_bin(root)
-    else:
+    elif not root.exists(MANIFEST):
+        raise FormatError(
+            f"{root.url}: no {SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX}, {BIN_SINGLE} or "
+            f"{BIN_INDEX}: not a model directory"
+        )
+    else:  # a manifest without its weights: its check says which are gone
         failures = [
             Failure("index", "", "", f"{root.url}: no {SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX}, "
                     f"{BIN_SINGLE} or {BIN_INDEX}: not a model directory")

@@ -17,6 +17,7 @@ from ckpt_core.families.model_config import transformers_config
 from ckpt_core.formats.protocol import Reader
 from ckpt_core.io.storage import Location
 from ckpt_core.proof.compare import Tolerance
+from ckpt_core.proof.quiet import quiet_transformers
 from ckpt_core.proof.report import Failure
 
 __all__ = ["LogitsCheck", "compare_logits", "fixed_inputs"]
@@ -63,11 +64,12 @@ def compare_logits(
     model_class = getattr(transformers, architecture)
     hf_config = transformers_config(config, config_at)
     dtype = target or torch.float32
-    ours = model_class.from_pretrained(root.path, dtype=dtype)
     state = {n: ref.read(n).to(output_dtype(i.dtype, target)) for n, i in ref.index().items()}
-    theirs, info = model_class.from_pretrained(
-        None, config=hf_config, state_dict=state, dtype=dtype, output_loading_info=True
-    )
+    with quiet_transformers():
+        ours = model_class.from_pretrained(root.path, dtype=dtype)
+        theirs, info = model_class.from_pretrained(
+            None, config=hf_config, state_dict=state, dtype=dtype, output_loading_info=True
+        )
     del state
     failures = [
         Failure("logits", "", name, f"the reference has no {name}: its model loads it random")

@@ -25,6 +25,7 @@ from ckpt_core.io.storage import Location
 from ckpt_core.pipeline.manifest import MANIFEST
 from ckpt_core.proof.inputs import Prompting, first_line
 from ckpt_core.proof.memory import peak_device_bytes, peak_host_bytes, reset_peaks
+from ckpt_core.proof.quiet import quiet_transformers
 from ckpt_core.proof.strict_load import auto_class
 
 __all__ = ["DEFAULT_PROMPTS", "LoadDtype", "TestDevice", "pick_device", "run_test_model"]
@@ -118,21 +119,13 @@ def run_test_model(
 def _load(model_class: Any, path: str, dtype: LoadDtype, device: str) -> Any:
     """from_pretrained, strictly: missing, unexpected or wrongly shaped keys fail (in one
     line: transformers' own multi-line load report is kept quiet, the error says it all)."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()  # type: ignore[no-untyped-call]
-    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     try:
-        model, info = model_class.from_pretrained(
-            path, dtype=_DTYPES[dtype], output_loading_info=True
-        )
+        with quiet_transformers():
+            model, info = model_class.from_pretrained(
+                path, dtype=_DTYPES[dtype], output_loading_info=True
+            )
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
         raise VerifyError(f"{path}: does not load with transformers: {first_line(e)}") from e
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
     problems = [
         f"{kind.replace('_', ' ')} {len(names)}: {clip([str(n) for n in names], 5)}"
         for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")

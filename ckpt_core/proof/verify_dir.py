@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ckpt_core.errors import CkptError
+from ckpt_core.errors import CkptError, FormatError
 from ckpt_core.families.model_config import CONFIG, read_config
 from ckpt_core.io.storage import Location
 from ckpt_core.pipeline.conversion import options_from
@@ -25,7 +25,7 @@ from ckpt_core.proof.logits import compare_logits
 from ckpt_core.proof.report import Failure, ProofReport
 from ckpt_core.proof.strict_load import check_keys
 
-__all__ = ["verify_dir"]
+__all__ = ["open_reference", "verify_dir"]
 
 
 def verify_dir(
@@ -42,6 +42,8 @@ def verify_dir(
     release_freed_memory()
     tolerance = tolerance or Tolerance()
     root = Location(out_url)
+    if not root.isdir():
+        raise FormatError(f"{out_url}: no such directory: verify checks a model directory")
     report = ProofReport(out_url)
     files = check_files(root)
     if root.exists(MANIFEST):
@@ -91,7 +93,7 @@ def _config(root: Location, base: str | None) -> tuple[dict[str, Any] | None, st
     return None, ""
 
 
-def _reference(against: str, out_url: str, base: str | None, against_format: str | None) -> Any:
+def open_reference(against: str, out_url: str, base: str | None, against_format: str | None) -> Any:
     """REF opened as `convert` opens a source: its config (else OUT's or --base's) lays its
     names out as save_pretrained writes them."""
     options = options_from(base=base or out_url, dtype="keep", format=against_format)
@@ -119,7 +121,7 @@ def _against(
     against_format: str | None,
 ) -> None:
     try:
-        ref, source = _reference(against, out_url, base, against_format)
+        ref, source = open_reference(against, out_url, base, against_format)
     except CkptError as e:
         report.add("against", [Failure("against", against, "", str(e))], "")
         return
@@ -168,7 +170,7 @@ def _logits(
         report.skip("logits", "needs --against REF and a config (OUT's or --base's)")
         return
     try:
-        ref, _ = _reference(against, out_url, base, None)
+        ref, _ = open_reference(against, out_url, base, None)
         target = target_dtype(files.reader.index(), _recorded_dtype(Location(out_url)))
         check = compare_logits(
             out_url,
