@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from ckpt_core.pipeline.conversion import options_from
 from ckpt_core.pipeline.convert import convert
+from ckpt_core.proof.test_model import markdown
 from ckptflow.cli import main
 from tests.fixtures.tiny_vlm import build_tiny_vlm
 from tests.helpers.tiny_text import write_image_processor, write_tokenizer
@@ -75,6 +76,7 @@ def test_two_runs_write_the_same_text_and_the_models_own_greedy_tokens(
     assert 0 < got["ttft_seconds"] <= got["generate_seconds"]
     assert got["peak_host_bytes"] > 0
     assert first["aggregate"]["new_tokens"] == 6
+    assert PROMPT in markdown(first) and "| 6 |" in markdown(first)
 
 
 def test_the_old_scripts_spellings_and_benchmark_samples(lm_out: Path, tmp_path: Path) -> None:
@@ -107,6 +109,23 @@ def test_a_missing_weight_fails_in_one_line(
     assert len(err) == 1 and err[0].startswith("ckptflow: error: ")
     assert "model.layers.1.mlp.up_proj.weight" in err[0] and "missing" in err[0]
     assert not out_file.exists()
+
+
+def test_a_tokenizer_that_makes_no_tokens_fails_in_one_line(
+    lm_out: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A word-level tokenizer.json that transformers loads as the model type's tokenizer class
+    (Qwen2Tokenizer) tokenizes every prompt to nothing: said, not a generation traceback."""
+    from tests.fixtures.tiny_vlm import write_tokenizer as write_word_level
+
+    odd = tmp_path / "odd"
+    shutil.copytree(lm_out, odd)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (odd / name).unlink(missing_ok=True)
+    write_word_level(odd, 320)
+    assert main(["test-model", str(odd), "--prompt", "w5 w7", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "into no tokens" in err[0]
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ class Prompting:
     def __init__(self, path: str, config: Any, *, vision: bool, seed: int) -> None:
         import transformers
 
-        self.vision, self.seed, self.config = vision, seed, config
+        self.path, self.vision, self.seed, self.config = path, vision, seed, config
         self.processor: Any = None
         self.image_processor: Any = None
         try:
@@ -55,6 +55,15 @@ class Prompting:
                     ) from e
 
     def inputs(self, prompt: str) -> dict[str, torch.Tensor]:
+        made = self._inputs(prompt)
+        if made["input_ids"].numel() == 0:
+            raise ConfigError(
+                f"{self.path}: its tokenizer ({type(self.tokenizer).__name__}) turns the prompt "
+                f"{prompt[:60]!r} into no tokens; check tokenizer_config.json's tokenizer_class"
+            )
+        return made
+
+    def _inputs(self, prompt: str) -> dict[str, torch.Tensor]:
         if not self.vision:
             text = self._templated([{"role": "user", "content": prompt}], self.tokenizer)
             if text is None:

@@ -28,7 +28,14 @@ from ckpt_core.proof.memory import peak_device_bytes, peak_host_bytes, reset_pea
 from ckpt_core.proof.quiet import quiet_transformers
 from ckpt_core.proof.strict_load import auto_class
 
-__all__ = ["DEFAULT_PROMPTS", "LoadDtype", "TestDevice", "pick_device", "run_test_model"]
+__all__ = [
+    "DEFAULT_PROMPTS",
+    "LoadDtype",
+    "TestDevice",
+    "markdown",
+    "pick_device",
+    "run_test_model",
+]
 
 TestDevice = Literal["auto", "cpu", "cuda"]
 LoadDtype = Literal["auto", "bf16", "fp16", "fp32"]
@@ -273,3 +280,23 @@ def _versions() -> dict[str, str]:
         "tokenizers": tokenizers.__version__,
         "cuda": str(torch.version.cuda),
     }
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """`run_test_model`'s result as a short markdown report (a flow's artifact)."""
+    total = result["aggregate"]
+    lines = [
+        f"**{result['model']}** ({result['architecture']}, {result['dtype']} on "
+        f"{result['device']}): loaded in {result['load_seconds']} s; {total['new_tokens']} new "
+        f"tokens at {total['tokens_per_second']} tokens/s",
+        "",
+        "| prompt | text | new tokens | ttft s | tokens/s | peak host MiB |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for p in result["prompts"]:
+        text = p["text"].replace("|", "\\|").replace("\n", " ")[:80]
+        lines.append(
+            f"| {p['prompt'][:40]} | {text} | {p['new_tokens']} | {p['ttft_seconds']} | "
+            f"{p['tokens_per_second']} | {p['peak_host_bytes'] / 2**20:.0f} |"
+        )
+    return "\n".join(lines)
