@@ -127,6 +127,28 @@ def test_same_conversion_same_bytes_and_a_rerun_is_a_no_op(
     assert "nothing to do" in again.message
 
 
+def test_dcp_writer_holds_one_tensor_at_a_time(tmp_path: Path) -> None:
+    """DCP asks for each tensor when it writes it; the one before is released by then (DCP's
+    writer would otherwise keep every tensor it wrote: the whole state dict)."""
+    from ckpt_core.io.storage import Location
+    from ckpt_core.pipeline.to_dcp import write_dcp
+
+    made: list[torch.Tensor] = []
+
+    def produce(name: str) -> torch.Tensor:
+        assert all(t.untyped_storage().nbytes() == 0 for t in made), name
+        made.append(torch.full((64, 32), float(len(made))))
+        return made[-1]
+
+    layout = [(f"layers.{i}.weight", torch.float32, (64, 32)) for i in range(5)]
+    write_dcp(Location(str(tmp_path)), layout, produce, key="model", data_file="__0_0.distcp")
+    assert len(made) == 5 and all(t.untyped_storage().nbytes() == 0 for t in made)
+    state = {name: torch.zeros(shape) for name, _, shape in layout}
+    _dcp_load({"model": state}, tmp_path)
+    for i in range(5):
+        assert torch.equal(state[f"layers.{i}.weight"], torch.full((64, 32), float(i)))
+
+
 def test_dcp_output_trains_under_fsdp2(tiny_hf_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "dcp"
     assert main(["convert", str(tiny_hf_dir), str(out), *TO_DCP]) == 0

@@ -66,7 +66,11 @@ def write_dcp(
     writer = _Writer(files)
     with warnings.catch_warnings():  # one process on purpose: not worth a warning
         warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
-        dcp_save(state, storage_writer=writer, planner=_StreamingPlanner(checked), no_dist=True)
+        planner = _StreamingPlanner(checked)
+        try:
+            dcp_save(state, storage_writer=writer, planner=planner, no_dist=True)
+        finally:
+            planner.release()
     written = set(files.records) - {METADATA}
     if written != {data_file}:
         raise FormatError(f"{work.url}: DCP wrote {sorted(written)}, expected {data_file}")
@@ -86,16 +90,32 @@ def saved_fqns(work: Location) -> set[str]:
 
 
 class _StreamingPlanner(DefaultSavePlanner):
-    """DCP's default save planner; a tensor's data is produced when DCP asks for it."""
+    """DCP's default save planner; a tensor's data is produced when DCP asks for it.
+
+    DCP's file writer keeps a reference to every tensor it has written (for its safetensors
+    format, even when it writes torch.save blobs), so the tensors would pile up into the whole
+    state dict. DCP asks for the next tensor only once the previous one is in the file (the
+    serial loader: `_Writer` turns off copying ahead), so the previous tensor's memory is given
+    back then: what DCP still holds is an empty storage."""
 
     def __init__(self, produce: Callable[[str], torch.Tensor]) -> None:
         super().__init__()
         self._produce = produce
+        self._written: torch.Tensor | None = None
 
     def lookup_object(self, index: MetadataIndex) -> Any:
+        if self._written is not None:
+            self._written.untyped_storage().resize_(0)
         # The flattened name maps to its path in the (nested) state dict: (key, name) or (name,).
         path = self.mappings.get(index.fqn, (index.fqn,))
-        return self._produce(str(path[-1]))
+        self._written = self._produce(str(path[-1]))
+        return self._written
+
+    def release(self) -> None:
+        """After the save: the last tensor's memory too."""
+        if self._written is not None:
+            self._written.untyped_storage().resize_(0)
+            self._written = None
 
 
 class _Writer(FileSystemWriter):
@@ -103,7 +123,9 @@ class _Writer(FileSystemWriter):
     publish step makes the output durable and visible in one step)."""
 
     def __init__(self, files: _LocationFileSystem) -> None:
-        super().__init__(".", single_file_per_rank=True, sync_files=False, overwrite=True)
+        # per_thread_copy_ahead=0: the serial loader, one tensor asked for at a time, also
+        # where CUDA is present (else DCP copies up to 10 MB of tensors ahead).
+        super().__init__(".", single_file_per_rank=True, sync_files=False, per_thread_copy_ahead=0)
         self.fs = files  # type: ignore[assignment]  # DCP's seam: any FileSystemBase
         self.path = "."
 
