@@ -19,10 +19,13 @@ from typing import Any, Literal
 import torch
 
 import ckpt_core
-from ckpt_core.errors import ConfigError, UsageError, VerifyError, clip
+from ckpt_core.errors import CkptError, ConfigError, UsageError, VerifyError, clip
 from ckpt_core.families.model_config import CONFIG, read_config
+from ckpt_core.formats.protocol import OpenOptions
+from ckpt_core.formats.registry import get_format
 from ckpt_core.io.storage import Location
 from ckpt_core.pipeline.manifest import MANIFEST
+from ckpt_core.proof.compare import target_dtype
 from ckpt_core.proof.inputs import Prompting, first_line
 from ckpt_core.proof.memory import peak_device_bytes, peak_host_bytes, reset_peaks
 from ckpt_core.proof.quiet import quiet_transformers
@@ -44,8 +47,7 @@ DEFAULT_PROMPTS = (
     "Explain in one sentence what a checkpoint is.",
     "Write a haiku about the sea.",
 )
-_DTYPES: dict[str, Any] = {
-    "auto": "auto",  # as saved
+_DTYPES: dict[str, torch.dtype] = {
     "bf16": torch.bfloat16,
     "fp16": torch.float16,
     "fp32": torch.float32,
@@ -92,7 +94,7 @@ def run_test_model(
     on = pick_device(device)
     reset_peaks(on)
     started = time.perf_counter()
-    model = _load(model_class, root.path, dtype, on)
+    model = _load(model_class, root, dtype, on)
     load_seconds = time.perf_counter() - started
     load_peaks = {"peak_host_bytes": peak_host_bytes(), "peak_device_bytes": peak_device_bytes(on)}
     vision = auto_class(architecture) == "AutoModelForImageTextToText"
@@ -123,13 +125,25 @@ def run_test_model(
     }
 
 
-def _load(model_class: Any, path: str, dtype: LoadDtype, device: str) -> Any:
+def _saved_dtype(root: Location) -> torch.dtype | str:
+    """The weights' own floating-point dtype (config.json's `dtype` may say another: a bf16
+    conversion of an fp32 model keeps the source's config), else transformers' "auto"."""
+    try:
+        index = get_format("hf").open(root, OpenOptions()).index()
+    except CkptError:
+        return "auto"  # from_pretrained says what is wrong
+    return target_dtype(index, None) or "auto"
+
+
+def _load(model_class: Any, root: Location, dtype: LoadDtype, device: str) -> Any:
     """from_pretrained, strictly: missing, unexpected or wrongly shaped keys fail (in one
     line: transformers' own multi-line load report is kept quiet, the error says it all)."""
+    path = root.path
+    load_dtype = _saved_dtype(root) if dtype == "auto" else _DTYPES[dtype]
     try:
         with quiet_transformers():
             model, info = model_class.from_pretrained(
-                path, dtype=_DTYPES[dtype], output_loading_info=True
+                path, dtype=load_dtype, output_loading_info=True
             )
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
         raise VerifyError(f"{path}: does not load with transformers: {first_line(e)}") from e
