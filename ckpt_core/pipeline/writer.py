@@ -38,6 +38,9 @@ class FileRecord:
     sha256: str
 
 
+_HASH_ASIDE_BYTES = 2**16  # smaller writes are hashed inline
+
+
 class HashingWriter:
     """Wraps a binary file handle: counts and hashes every byte written through it. The hash
     of one buffer runs on a helper thread while the buffer is written (both release the GIL),
@@ -50,6 +53,11 @@ class HashingWriter:
         self.size_bytes = 0
 
     def write(self, data: bytes | memoryview) -> None:
+        if len(data) < _HASH_ASIDE_BYTES:  # torch.save's headers and padding: not worth a thread
+            self._hash.update(data)
+            self._handle.write(data)  # type: ignore[attr-defined]
+            self.size_bytes += len(data)
+            return
         hashed = self._hasher.submit(self._hash.update, data)
         try:
             self._handle.write(data)  # type: ignore[attr-defined]
