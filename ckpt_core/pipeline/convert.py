@@ -25,13 +25,14 @@ from ckpt_core.io import retry
 from ckpt_core.io.stage import remote_stamp, stage_source
 from ckpt_core.io.storage import Location
 from ckpt_core.pipeline import manifest
-from ckpt_core.pipeline.assets import read_asset
+from ckpt_core.pipeline.assets import copy_asset
 from ckpt_core.pipeline.conversion import ConversionPlan, ConvertOptions, ConvertResult
 from ckpt_core.pipeline.device import DeviceStream, placement_for
 from ckpt_core.pipeline.lora import output_files
 from ckpt_core.pipeline.modelcheck import check_model
+from ckpt_core.pipeline.multi_model import plan_models
 from ckpt_core.pipeline.partial import left_out_names
-from ckpt_core.pipeline.plan import SAFETENSORS_INDEX, index_json, plan_shards
+from ckpt_core.pipeline.plan import index_jsons, plan_shards
 from ckpt_core.pipeline.publish import (
     check_destination,
     discard,
@@ -133,13 +134,17 @@ def plan_conversion(src_url: str, dst_url: str, options: ConvertOptions) -> Conv
     read_url = stage_source(src_url, options.cache_dir) if options.cache_dir else src_url
     reader, opened = open_source(read_url, options)
     files = output_files(reader, opened)
+    models = plan_models(reader, opened, where=src_url)  # BAGEL main/EMA; None: one model
+    if models is not None:
+        files = replace(files, assets=models.assets)
     if not files.is_model:  # --lora keep: an adapter directory, no model rules apply
         opened = replace(opened, config=None)
     config = opened.config
     index = dict(reader.index())
     if not index:
         raise FormatError(f"{src_url}: the checkpoint holds no tensors")
-    checked = check_model(reader, opened, where=src_url)  # before anything is written
+    # Before anything is written; several models are checked against the base's weight files.
+    checked = models.check if models else check_model(reader, opened, where=src_url)
     dropped = set(checked.dropped)
     target_dtype = parse_target(options.dtype)
     out = {
@@ -151,10 +156,12 @@ def plan_conversion(src_url: str, dst_url: str, options: ConvertOptions) -> Conv
 
     sources: dict[str, str] = {}
     if options.to != "hf":  # the model's own state dict, in one DCP or .pth file
-        several = not files.is_model
+        several = models is not None or not files.is_model
         training = plan_training(index, opened, target_dtype, several_models=several)
         out, shards, sources = dict(training.dtypes), list(training.shards), training.sources
         dropped = set()  # a strict load needs the tied copies that save_pretrained leaves out
+    elif models is not None:
+        shards = models.shards(list(out), out_bytes, files.max_shard_bytes)
     else:
         shards = plan_shards(list(out), out_bytes, files.max_shard_bytes, files.pattern)
     facts = reader.facts()
@@ -162,7 +169,7 @@ def plan_conversion(src_url: str, dst_url: str, options: ConvertOptions) -> Conv
         "url": src_url,
         "format": opened.format,
         "fingerprint": source_fingerprint(reader, src_url, read_url),
-        "notes": list(facts.notes),
+        "notes": list(facts.notes) + list(models.notes if models else ()),
         "keys": checked.keys,
     }
     target = target_for(dst, overwrite=options.overwrite)
@@ -206,7 +213,7 @@ _TEST_DELAY_ENV = "CKPTFLOW_TEST_DELAY_PER_TENSOR_SECONDS"
 
 
 def _chunks(
-    plan: ConversionPlan, *, check_overflow: bool = False, on_device: bool = False
+    plan: ConversionPlan, *, check_overflow: bool = False, prefix: str = "", on_device: bool = False
 ) -> Callable[[str], Iterator[torch.Tensor]]:
     """Source tensors as bounded flat chunks, cast to their output dtype, in reused buffers
     (one stream: the writer's or the verifier's prefetch loop). Only the writer checks casts
@@ -222,6 +229,7 @@ def _chunks(
     delay = float(os.environ.get(_TEST_DELAY_ENV, "0") or 0)
 
     def chunks(name: str) -> Iterator[torch.Tensor]:
+        name = prefix + name  # a shard of one of several models: the reader's name
         if delay:
             time.sleep(delay)
         if device is not None:
@@ -251,14 +259,17 @@ def write_shard(
         if on_bytes:
             on_bytes(shard.nbytes)
         return kept
-    index = reader_for(plan).index()
+    index, prefix = reader_for(plan).index(), shard.source_prefix
     layout = [
-        (n, getattr(torch, plan.dtypes[n]), index[plan.source_of(n)].shape) for n in shard.tensors
+        (n, getattr(torch, plan.dtypes[prefix + n]), index[plan.source_of(prefix + n)].shape)
+        for n in shard.tensors
     ]
 
     def attempt() -> FileRecord:
         ensure_unfinished(plan.target)
-        chunks = _chunks(plan, check_overflow=not plan.options.allow_overflow, on_device=True)
+        chunks = _chunks(
+            plan, check_overflow=not plan.options.allow_overflow, prefix=prefix, on_device=True
+        )
         if plan.options.to != "hf":  # DCP or .pth: that format's own writer (targets.py)
             return write_training(plan, layout, chunks, on_bytes)
         return write_safetensors(work, shard.filename, layout, chunks, on_bytes)
@@ -270,20 +281,21 @@ def write_shard(
 
 
 def write_index(plan: ConversionPlan) -> list[FileRecord]:
+    """The index of each sharded model (one, or BAGEL's model and ema each their own)."""
     ensure_unfinished(plan.target)  # still this run's destination (the lock's fencing token)
     if plan.options.to != "hf":
         return write_training_index(plan)  # DCP's .metadata
-    index = index_json(plan.shards)
-    if index is None:
-        return []
-    data = (json.dumps(index, indent=2, sort_keys=True) + "\n").encode()
-    return [write_bytes(Location(plan.target.work_url), SAFETENSORS_INDEX, data)]
+    work = Location(plan.target.work_url)
+    return [
+        write_bytes(work, name, (json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
+        for name, index in index_jsons(plan.shards).items()
+    ]
 
 
 def copy_assets(plan: ConversionPlan) -> list[FileRecord]:
     ensure_unfinished(plan.target)
     work = Location(plan.target.work_url)
-    return [write_bytes(work, a.name, read_asset(a)) for a in plan.assets]
+    return [copy_asset(work, a) for a in plan.assets]
 
 
 def verify_one(
@@ -292,7 +304,10 @@ def verify_one(
     if plan.options.to != "hf":  # re-read by ckptflow's own reader of that format
         return verify_training(plan, shard_number, _chunks(plan), on_bytes)
     return verify_shard(
-        Location(plan.target.work_url), plan.shards[shard_number], _chunks(plan), on_bytes
+        Location(plan.target.work_url),
+        plan.shards[shard_number],
+        _chunks(plan, prefix=plan.shards[shard_number].source_prefix),
+        on_bytes,
     )
 
 
