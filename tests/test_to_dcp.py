@@ -127,6 +127,20 @@ def test_same_conversion_same_bytes_and_a_rerun_is_a_no_op(
     assert "nothing to do" in again.message
 
 
+def test_to_an_object_store_url(tiny_hf_dir: Path, tmp_path: Path) -> None:
+    """DCP's writer goes through the destination's storage: an fsspec URL works like a path."""
+    import fsspec
+
+    dst = f"memory://to-dcp-{tmp_path.name}/dcp"
+    convert(str(tiny_hf_dir), dst, options_from(to="dcp", dcp_key="model"))
+    listed = {p.rsplit("/", 1)[1] for p in fsspec.filesystem("memory").ls(dst, detail=False)}
+    assert {".metadata", "__0_0.distcp", "manifest.json", "_SUCCESS"} <= listed
+    convert(dst, str(tmp_path / "back"), options_from(dtype="keep"))
+    again = load_file(tmp_path / "back" / "model.safetensors")
+    for name, tensor in load_file(tiny_hf_dir / "model.safetensors").items():
+        assert torch.equal(again[name], tensor), name
+
+
 def test_dcp_writer_holds_one_tensor_at_a_time(tmp_path: Path) -> None:
     """DCP asks for each tensor when it writes it; the one before is released by then (DCP's
     writer would otherwise keep every tensor it wrote: the whole state dict)."""
