@@ -60,13 +60,14 @@ def body(variant: str, out: Path, src: Path) -> str:
         """
     if variant == "tensors only":
         return f"""
+            import torch
             from ckpt_core.io.storage import Location
             from ckpt_core.proof.compare import Tolerance, compare_tensors
             from ckpt_core.proof.files import check_files
             from ckpt_core.proof.verify_dir import open_reference
             files = check_files(Location({str(out)!r}), read_all=False)
             ref, _ = open_reference({str(src)!r}, {str(out)!r}, None, None)
-            result = compare_tensors(files.reader, ref, target=None, tolerance=Tolerance(),
+            result = compare_tensors(files.reader, ref, target=torch.float32, tolerance=Tolerance(),
                                      tied={{}}, files_of={{}})
             assert not result.failures and result.compared
         """
