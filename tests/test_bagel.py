@@ -250,3 +250,12 @@ def test_missing_ema_rank_file_is_named(bagel: Path, tmp_path: Path) -> None:
         FormatError, match=r"missing rank file\(s\) ema_rank00001\.pt of world size 2"
     ):
         convert(str(step), str(tmp_path / "out"), options_from(base=str(bagel / "base")))
+
+
+def test_sharded_tensor_fragment_allows_only_its_one_getattr() -> None:
+    """FSDP1 pickles call getattr(ShardedTensor, "ProcessGroupState"); nothing else passes."""
+    from ckpt_core.formats.unpickle import SHARDED_TENSOR, restricted_load
+
+    escape = b"c__builtin__\ngetattr\n(c__builtin__\ngetattr\nS'__globals__'\ntR."
+    with pytest.raises(FormatError, match="refused getattr"):
+        restricted_load(escape, "evil.pt", SHARDED_TENSOR)

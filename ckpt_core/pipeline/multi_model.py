@@ -220,12 +220,8 @@ def plan_models(reader: Reader, source: Source, *, where: str) -> ModelsPlan | N
     checked: dict[str, str] = {}  # model -> the base file it was checked against
     notes: list[str] = []
     for model in models:
-        own = {
-            name: info
-            for full, info in index.items()
-            if (owner_name := split_model_name(full))[0] == model
-            for name in (owner_name[1],)
-        }
+        prefix = model_name(model, "")
+        own = {n[len(prefix) :]: info for n, info in index.items() if n.startswith(prefix)}
         truth = base_weights(base, model)
         if truth is None:
             continue
