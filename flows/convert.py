@@ -145,9 +145,9 @@ def _run(conversion: ConversionPlan, wait_seconds: float | None) -> dict[str, An
         try:
             result = with_controls(steps.publish)(conversion, files, verified)
         except Exception as e:  # a failed verification: the run fails with its report attached
-            steps.report_artifact(conversion, verified, None, str(e))
+            with_controls(steps.report_artifact, retries=False)(conversion, verified, None, str(e))
             raise
-        steps.report_artifact(conversion, verified, result)
+        with_controls(steps.report_artifact, retries=False)(conversion, verified, result)
     print(f"{result.message}\n{verified.text()}")
     # `files` as the report counts them: the files manifest.json lists (itself not included)
     return {"dst": dst, "published": True, "tensors": verified.tensors, "files": verified.files}

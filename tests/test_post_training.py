@@ -8,6 +8,7 @@ import asyncio
 import json
 import shlex
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from ckpt_core.errors import TrainCommandError
 from ckpt_core.vlm.split import split
 from ckpt_core.vlm.tiny_trainer import run_train_command
 from tests.fixtures.tiny_vlm import save_tiny_vlm
+from tests.helpers.cli_runs import tree
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +64,47 @@ def test_post_training_flow_end_to_end(prefect_harness: None, base: Path, tmp_pa
     assert not torch.equal(model.lm_head.weight, original.lm_head.weight), (
         "the merged model should hold the trained weights"
     )
+
+    # A rerun skips the finished steps: the same split, its training, its merge (no second
+    # training that would then fail at merge), and tests the same merged model again.
+    before = tree(tmp_path / "work")
+    state = post_training(
+        str(base), str(tmp_path / "work"), parallel_size=2, steps_per_rank=2, return_state=True
+    )
+    again = state.result()
+    assert again["split"]["skipped"] and again["merge"]["skipped"]
+    assert again["train"]["losses"] == outcome["train"]["losses"]
+    run_id = state.state_details.flow_run_id
+    names = [r.name for r in asyncio.run(_task_runs_of(run_id))]
+    assert not [n for n in names if n.startswith("train")], names
+    assert tree(tmp_path / "work") == before
+
+
+async def _task_runs_of(flow_run_id: Any) -> list[Any]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async with get_client() as client:
+        only = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        return list(await client.read_task_runs(flow_run_filter=only))
+
+
+@pytest.mark.prefect
+def test_train_timeout_stops_the_command(prefect_harness: None, base: Path, tmp_path: Path) -> None:
+    from flows.post_training import post_training
+
+    sleeper = f'{shlex.quote(sys.executable)} -c "import time; time.sleep(120)"'
+    started = time.monotonic()
+    with pytest.raises(TrainCommandError, match="timed out after 1.0 s"):
+        post_training(
+            str(base),
+            str(tmp_path / "work"),
+            train_command=sleeper,
+            train_retries=0,
+            train_timeout_seconds=1.0,
+        )
+    assert time.monotonic() - started < 60
+    assert not (tmp_path / "work" / "merged").exists()
 
 
 async def _train_runs(flow_name: str) -> list[Any]:

@@ -3,10 +3,20 @@ called on real Prefect states of real errors, nothing mocked."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
+from botocore.exceptions import ClientError
+from prefect.client.schemas.objects import State
 from prefect.states import Completed, Failed
 
-from ckpt_core.errors import FormatError, StorageUnavailableError
+from ckpt_core.errors import (
+    FormatError,
+    PublishError,
+    StorageFullError,
+    StorageRefusedError,
+    StorageUnavailableError,
+)
 from tasks.common import retry_transient
 
 
@@ -20,6 +30,14 @@ def _outlasted() -> StorageUnavailableError:
         return e
 
 
+def _s3_error(code: str, status: int) -> ClientError:
+    response = {
+        "Error": {"Code": code, "Message": code},
+        "ResponseMetadata": {"HTTPStatusCode": status},
+    }
+    return ClientError(response, "GetObject")
+
+
 @pytest.mark.parametrize(
     ("error", "retried"),
     [
@@ -30,11 +48,16 @@ def _outlasted() -> StorageUnavailableError:
         (_outlasted(), True),
         (FormatError("/data/src/model.safetensors: truncated"), False),
         (RuntimeError("a bug"), False),  # unknown: permanent, as for the IO retries
+        (StorageRefusedError("s3://b/src/model.safetensors: does not exist"), False),
+        (StorageFullError("/data/out: no space left"), False),
+        (PublishError("/data/out: holds another conversion"), False),
+        (_s3_error("SlowDown", 503), True),  # botocore, as s3fs may leave it
+        (_s3_error("AccessDenied", 403), False),
     ],
     ids=lambda v: type(v).__name__ if isinstance(v, BaseException) else str(v),
 )
 def test_task_retry_condition_uses_the_io_rule(error: BaseException, retried: bool) -> None:
-    state = Failed(data=error, message=str(error))
+    state: State[Any] = Failed(data=error, message=str(error))
     assert retry_transient(None, None, state) is retried
 
 
