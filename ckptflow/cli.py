@@ -23,6 +23,7 @@ PLUGINS = (
     "ckptflow.cli_resolve",
     "ckptflow.cli_dropin",  # ds2hf, fsdp2hf, hf2fsdp, bagel2hf: the old scripts' flags
     "ckptflow.cli_verify",  # verify, test-model
+    "ckptflow.cli_deploy",  # deploy: the work pool and deployments/prefect.yaml on a server
 )
 DEMO_DIR = ".ckptflow-demo"
 EXIT_BROKEN_PIPE = 128 + 13  # what a tool killed by SIGPIPE exits with
