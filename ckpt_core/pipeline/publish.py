@@ -282,11 +282,11 @@ def finalize(target: Target, files: Sequence[FileRecord] | None = None) -> None:
         return
     dst = Location(target.dst_url)
     old = dst.path + ".ckptflow-old"
+    _fence(target)  # the name may be another run's output by now: never move it aside then
     if os.path.lexists(dst.path):
         # Overwrite: the old output moves aside, the new one takes its name, the old one goes.
         os.rename(dst.path, old)
     os.makedirs(os.path.dirname(dst.path) or ".", exist_ok=True)
-    _fence(target)
     os.rename(work.path, dst.path)
     if os.path.islink(old) or os.path.isfile(old):
         os.remove(old)  # a link goes, never what it points at
@@ -301,6 +301,7 @@ def _swap_in(target: Target, work: Location, files: Sequence[FileRecord] | None)
     dst = Location(target.dst_url)
     names = [f.name for f in files] if files is not None else sorted(_listed(work, BOOKKEEPING))
     names.sort(key=lambda n: n == MANIFEST)  # the manifest last
+    _fence(target)
     dst.put_bytes(INCOMPLETE, work.read_bytes(INCOMPLETE))  # no longer reads as complete
     dst.remove(SUCCESS)
     for name in names:

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 
 from ckpt_core.errors import CkptError
 from ckpt_core.io import retry
-from ckpt_core.io.lock import destination_lock
+from ckpt_core.io.lock import destination_lock, unlocked
 from ckpt_core.io.storage import Location
 from ckpt_core.pipeline.conversion import ConversionPlan
 from ckpt_core.pipeline.publish import abandon, check_destination, complete_interrupted, prepare
@@ -51,7 +51,7 @@ def conversion_run(plan: ConversionPlan, *, wait_seconds: float | None = None) -
             if not _still_needed(plan):
                 yield False
                 return
-            start(plan)
+            prepare(plan.target, plan.resume_key)
             try:
                 yield True
             except BaseException as e:
@@ -77,9 +77,10 @@ def _refused_destination(error: BaseException, dst_url: str) -> CkptError | None
 
 
 def start(plan: ConversionPlan) -> str:
-    """A place to write into, keeping a previous attempt's finished shards of the same plan;
-    returns its URL. (`conversion_run` calls it under the lock; alone, for driving the steps
-    by hand.)"""
+    """For driving the steps by hand, without the lock (`conversion_run` holds it): a place to
+    write into, keeping a previous attempt's finished shards of the same plan; returns its URL.
+    The plan's steps then check no fencing token (no lock names it)."""
+    unlocked(plan.target.owner)
     return prepare(plan.target, plan.resume_key).url
 
 
