@@ -33,6 +33,9 @@ FLAGS = flag_names(
     model_name="model",
     format="output_format",
     work_dir="work_dir",
+    output_dir="work_dir",  # split/, train/ and merged/ are children of work_dir
+    split_dir="work_dir",
+    checkpoint_dir="work_dir",
     retry_delay="train_retry_delay_seconds",
 )
 

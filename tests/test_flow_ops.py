@@ -61,7 +61,7 @@ def _artifacts(flow_run_id: UUID) -> dict[str, Any]:
 
     only = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
     found = _client_call(lambda c: c.read_artifacts(artifact_filter=only))
-    return {a.key: a for a in found}
+    return {a.key: a for a in found if a.key}
 
 
 def _flow_run(flow_run_id: UUID) -> Any:
@@ -306,6 +306,7 @@ def test_watch_records_a_broken_checkpoint_and_goes_on_newest_first(
     prefect_harness: None, tiny_hf_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from flows.watch import watch_flow
+    from tasks.runs import artifact_key
 
     monkeypatch.setenv("CKPTFLOW_TASK_RETRY_DELAY_SECONDS", "0.05")
     root, out = tmp_path / "runs", tmp_path / "hf"
@@ -323,9 +324,12 @@ def test_watch_records_a_broken_checkpoint_and_goes_on_newest_first(
     assert record["src"] == str(broken) and "model.safetensors" in record["error"]
 
     # Run 2: the broken one is skipped (reported), so step100 gets its slot: never stalls.
-    outcome = watch_flow(str(root), str(out), **args)
+    state = watch_flow(str(root), str(out), **args, return_state=True)
+    outcome = state.result()
     assert outcome["converted"] == [str(root / "step100")]
     assert outcome["skipped_failed"] == [str(broken)]
+    report = _artifacts(_run_id(state))[artifact_key("watch-report", str(out))]
+    assert f"| `{broken}` | skipped (failed before, unchanged) |" in report.data
     # Run 3: nothing new; the broken one is still skipped, not retried: Completed.
     assert watch_flow(str(root), str(out), **args)["converted"] == []
 
