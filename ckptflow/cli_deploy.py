@@ -43,9 +43,9 @@ def add_parsers(subparsers: Any) -> None:
 def run_deploy(args: argparse.Namespace) -> int:
     import yaml
 
-    api_url = server_url()
     spec = load_spec(Path(args.prefect_file))
     apply_overrides(spec, pool=args.pool, root=args.root, out_root=args.out_root)
+    api_url = server_url()
     if args.interval is not None:
         for deployment in scheduled(spec):
             deployment["schedules"] = [{"interval": args.interval}]

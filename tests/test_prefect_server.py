@@ -26,6 +26,7 @@ from tests.s3server import CREDENTIALS, MotoServer
 pytestmark = pytest.mark.server
 CHROMIUM = "/usr/bin/chromium"
 SECRET = "ckptflow-s3"
+SECRET_VALUE = f"never-stored-{uuid.uuid4().hex}"
 # The worker's own IO retries end fast, so that an outage reaches Prefect's task retries.
 WORKER_ENV = {"CKPTFLOW_IO_RETRIES": "2", "CKPTFLOW_IO_RETRY_BASE_SECONDS": "0.1"}
 
@@ -58,8 +59,11 @@ def site(
         stack.start_server()
         # The README's commands: the storage settings as a Secret block, then `ckptflow deploy`
         # (here with a 10 s watch interval instead of hourly), then a worker.
-        settings = {**CREDENTIALS, "AWS_ENDPOINT_URL": proxy.endpoint}
-        settings.pop("AWS_DEFAULT_REGION")
+        settings = {
+            "AWS_ENDPOINT_URL": proxy.endpoint,
+            "AWS_ACCESS_KEY_ID": CREDENTIALS["AWS_ACCESS_KEY_ID"],
+            "AWS_SECRET_ACCESS_KEY": SECRET_VALUE,  # moto takes any; this one is findable
+        }
         stack.command(
             [
                 sys.executable,
@@ -201,6 +205,21 @@ def test_a_missing_source_fails_at_once_naming_it(site: Site) -> None:
     assert "no-such-ckpt" in message + logs, (message, logs)
     assert "src" in message + logs, (message, logs)
     assert not (site.root / "x").exists()
+
+
+def test_the_server_stores_references_to_the_storage_settings_not_their_values(
+    site: Site,
+) -> None:
+    pool = site.stack.get("work_pools/ckptflow")
+    assert SECRET_VALUE not in json.dumps(pool)
+    env = pool["base_job_template"]["variables"]["properties"]["env"]["default"]
+    assert env["AWS_SECRET_ACCESS_KEY"] == (
+        f"{{{{ prefect.blocks.secret.{SECRET}.AWS_SECRET_ACCESS_KEY }}}}"
+    )
+    for name in site.ids:
+        stored = json.dumps(site.stack.get(f"deployments/{site.ids[name]}"))
+        assert SECRET_VALUE not in stored, name
+        assert "{{ $" not in stored and "set_working_directory" not in stored, name
 
 
 def wait_for_retry(stack: PrefectStack, run_id: str, timeout_seconds: float) -> bool:
