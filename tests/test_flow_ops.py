@@ -25,7 +25,7 @@ from ckpt_core.errors import CkptError, StorageRefusedError
 from ckpt_core.io import retry
 from ckpt_core.io.storage import Location
 from ckpt_core.pipeline import convert as core
-from ckpt_core.pipeline.watch import FAILED_DIR, failures, scan
+from ckpt_core.pipeline.watch import FAILED_DIR, failures, record_failure, scan
 from ckptflow.cli import main
 from tests.helpers.cli_runs import tree
 
@@ -390,3 +390,43 @@ def test_scan_waits_for_checkpoints_still_being_written(tiny_hf_dir: Path, tmp_p
     assert [Path(src).name for src, _ in later.busy] == ["fresh"]
     with pytest.raises(StorageRefusedError, match="is not a directory"):
         scan(str(root / "old" / "config.json"), str(out))
+
+
+def test_scan_and_failure_records_on_s3(tiny_hf_dir: Path, bucket: str) -> None:
+    """On an object store: change times from LastModified, records written beside the outputs."""
+    from tests.s3server import fs
+
+    store = fs()
+    store.put(str(tiny_hf_dir), f"{bucket}/runs/step1", recursive=True)
+    root, out = f"s3://{bucket}/runs", f"s3://{bucket}/hf"
+    assert scan(root, out, quiet_seconds=600).pending == []  # just uploaded: still being written
+    found = scan(root, out, quiet_seconds=600, now=time.time() + 3600)
+    assert [(p.src, p.dst, p.format) for p in found.pending] == [
+        (f"{root}/step1", f"{out}/step1", "hf")
+    ]
+    record_failure(out, found.pending[0], "FormatError: truncated")
+    assert store.exists(f"{bucket}/hf/{FAILED_DIR}/step1.json")
+    again = scan(root, out, now=time.time() + 3600)
+    assert again.pending == [] and [f.name for f in again.failed] == ["step1"]
+    with pytest.raises(StorageRefusedError, match="the watched root does not exist"):
+        scan(f"s3://{bucket}/nothing-here", out)
+
+
+def test_errors_in_flow_terms() -> None:
+    from tasks.runs import flag_names, in_flow_terms
+
+    flags = flag_names(["base", "max_shard_size", "src", "dst"], wait_for_lock="wait_seconds")
+    urls = {"dst": "s3://b/hf/run1", "src": "s3://b/hf"}
+    said = in_flow_terms(
+        CkptError("pass --base DIR or --wait-for-lock 60; --json stays"), flags, urls
+    )
+    assert str(said) == "pass parameter base DIR or parameter wait_seconds 60; --json stays"
+    # s3fs names objects without the scheme; the longest URL that holds the file wins.
+    gone = in_flow_terms(
+        FileNotFoundError(2, "No such key", "b/hf/run1/x.safetensors"), flags, urls
+    )
+    assert isinstance(gone, StorageRefusedError)
+    assert str(gone).startswith("b/hf/run1/x.safetensors: does not exist")
+    assert str(gone).endswith("(parameter dst)")
+    bug = RuntimeError("--base")
+    assert in_flow_terms(bug, flags, urls) is bug  # a bug keeps its type and traceback
