@@ -86,17 +86,16 @@ def compare_tensors(
         o, r = out_index[out_name], ref_index[ref_name]
         file = files_of.get(out_name, "")
         if o.shape != r.shape:
-            failures.append(
-                Failure("against", file, out_name, f"shape {list(o.shape)}, the reference's "
-                        f"{ref_name} {list(r.shape)}")
-            )  # fmt: skip
+            shapes = f"shape {list(o.shape)}, the reference's {ref_name} {list(r.shape)}"
+            failures.append(Failure("against", file, out_name, shapes))
             continue
         expected = output_dtype(r.dtype, target)
         if o.dtype != expected:
-            failures.append(
-                Failure("against", file, out_name, f"dtype {_name(o.dtype)}, expected "
-                        f"{_name(expected)} (the reference's {_name(r.dtype)} after the cast)")
-            )  # fmt: skip
+            dtypes = (
+                f"dtype {_name(o.dtype)}, expected {_name(expected)} "
+                f"(the reference's {_name(r.dtype)} after the cast)"
+            )
+            failures.append(Failure("against", file, out_name, dtypes))
         comparable.append((out_name, ref_name))
     for out_name, ref_name, diff in _values(out, ref, comparable, tolerance):
         diffs.append(diff)
@@ -106,11 +105,11 @@ def compare_tensors(
                 if tolerance.exact
                 else f"beyond atol={tolerance.atol} rtol={tolerance.rtol}"
             )
-            failures.append(
-                Failure("against", files_of.get(out_name, ""), out_name,
-                        f"values differ from the reference's {ref_name} ({how}; max |diff| "
-                        f"{diff.max_abs_diff:.6g})")
-            )  # fmt: skip
+            values = (
+                f"values differ from the reference's {ref_name} "
+                f"({how}; max |diff| {diff.max_abs_diff:.6g})"
+            )
+            failures.append(Failure("against", files_of.get(out_name, ""), out_name, values))
     return Comparison(failures, diffs, len(comparable), left_out)
 
 

@@ -82,16 +82,14 @@ def check_files(root: Location, *, read_all: bool = True) -> FilesCheck:
         failures, reader, detail = _check_safetensors(root, names)
     elif BIN_INDEX in names or BIN_SINGLE in names:
         failures, reader, detail = _check_bin(root)
-    elif not root.exists(MANIFEST):
-        raise FormatError(
-            f"{root.url}: no {SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX}, {BIN_SINGLE} or "
-            f"{BIN_INDEX}: not a model directory"
+    else:
+        none = (
+            f"{root.url}: no {SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX}, {BIN_SINGLE} or {BIN_INDEX}"
         )
-    else:  # a manifest without its weights: its check says which are gone
-        failures = [
-            Failure("index", "", "", f"{root.url}: no {SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX}, "
-                    f"{BIN_SINGLE} or {BIN_INDEX}: not a model directory")
-        ]  # fmt: skip
+        if not root.exists(MANIFEST):
+            raise FormatError(f"{none}: not a model directory")
+        # A manifest without its weights: its check has said which files are gone.
+        failures = [Failure("index", "", "", f"{none}: the weights are gone")]
         return FilesCheck(manifest_detail, "no weights", manifest_failures, failures, None, {})
     files_of = reader.files_of() if reader else {}
     unreadable = frozenset(reader.unreadable) if reader else frozenset()
@@ -120,10 +118,8 @@ def _check_manifest(root: Location) -> tuple[list[Failure], set[str], str]:
         return [], set(), "no manifest.json: verified from the index alone"
     failures = []
     if not root.exists(SUCCESS):
-        failures.append(
-            Failure("files", SUCCESS, "", "missing: the conversion that wrote this directory did "
-                    "not finish; run it again")
-        )  # fmt: skip
+        unfinished = "missing: the conversion that wrote this directory did not finish; rerun it"
+        failures.append(Failure("files", SUCCESS, "", unfinished))
     try:
         listed = json.loads(root.read_text(MANIFEST))["files"]
         if not isinstance(listed, dict):
@@ -132,15 +128,16 @@ def _check_manifest(root: Location) -> tuple[list[Failure], set[str], str]:
         return [Failure("files", MANIFEST, "", f"unreadable ({e})")], set(), "manifest unreadable"
     hashed: set[str] = set()
     for name, record in sorted(listed.items()):
+        if not isinstance(record, dict):
+            failures.append(Failure("files", MANIFEST, name, "malformed entry"))
+            continue
         if not root.exists(name):
             failures.append(Failure("files", name, "", "listed in manifest.json but missing"))
             continue
         size = root.size(name)
         if size != record.get("size"):
-            failures.append(
-                Failure("files", name, "", f"{size} bytes, manifest.json says {record.get('size')} "
-                        "(truncated or replaced)")
-            )  # fmt: skip
+            said = f"{size} bytes, manifest.json says {record.get('size')} (truncated or replaced)"
+            failures.append(Failure("files", name, "", said))
             continue
         if hash_file(root, name).sha256 != record.get("sha256"):
             failures.append(
@@ -174,10 +171,8 @@ def _check_safetensors(root: Location, names: set[str]) -> tuple[list[Failure], 
             weight_map = read_weight_map(root, SAFETENSORS_INDEX)
         except CkptError as e:
             failures.append(Failure("index", SAFETENSORS_INDEX, "", str(e)))
-        files = sorted(
-            set(weight_map.values()) if weight_map else
-            {n for n in names if n.endswith(SAFETENSORS_SUFFIX)}
-        )  # fmt: skip
+        listed = set(weight_map.values()) if weight_map else None
+        files = sorted(listed or {n for n in names if n.endswith(SAFETENSORS_SUFFIX)})
     else:
         files = [SAFETENSORS_SINGLE]
     out = OutputTensors(root)
@@ -186,10 +181,9 @@ def _check_safetensors(root: Location, names: set[str]) -> tuple[list[Failure], 
         try:
             header = read_header(root, file)
         except FormatError as e:
-            past = _tensors_past_end(root, file)
-            failures.append(
-                Failure("index", file, ", ".join(past[:10]), str(e).removeprefix(root.file(file) + ": "))
-            )  # fmt: skip
+            past = ", ".join(_tensors_past_end(root, file)[:10])
+            message = str(e).removeprefix(root.file(file) + ": ")
+            failures.append(Failure("index", file, past, message))
             continue
         for name, entry in header.entries.items():
             if name in owner:
@@ -203,8 +197,8 @@ def _check_safetensors(root: Location, names: set[str]) -> tuple[list[Failure], 
         unreadable = {n for n, f in weight_map.items() if f not in readable}
         for name, file in sorted(weight_map.items()):
             if file in readable and owner.get(name) != file:
-                failures.append(Failure("index", file, name, f"indexed in {SAFETENSORS_INDEX} "
-                                        "but not in the file"))  # fmt: skip
+                absent = f"indexed in {SAFETENSORS_INDEX} but not in the file"
+                failures.append(Failure("index", file, name, absent))
         failures += [
             Failure("index", file, name, f"not in {SAFETENSORS_INDEX}")
             for name, file in sorted(owner.items())

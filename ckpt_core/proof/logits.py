@@ -82,9 +82,8 @@ def compare_logits(
     worst = float((a - b).abs().max())
     within = torch.allclose(a, b, rtol=tolerance.rtol, atol=tolerance.atol, equal_nan=True)
     if not (torch.equal(a, b) if tolerance.exact else within):
-        failures.append(
-            Failure("logits", "", "", f"logits differ from the reference's on the fixed input "
-                    f"(max |diff| {worst:.6g}, {list(a.shape)})")
-        )  # fmt: skip
-    detail = f"{architecture} in {str(dtype).removeprefix('torch.')}, fixed input {list(a.shape)}: max |diff| {worst:.6g}"
+        differ = f"logits differ on the fixed input (max |diff| {worst:.6g}, {list(a.shape)})"
+        failures.append(Failure("logits", "", "", differ))
+    on = f"{str(dtype).removeprefix('torch.')}, fixed input {list(a.shape)}"
+    detail = f"{architecture} in {on}: max |diff| {worst:.6g}"
     return LogitsCheck(failures, worst, detail)

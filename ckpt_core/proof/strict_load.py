@@ -67,25 +67,29 @@ def check_keys(
     """`index_file`: what a missing tensor's failure names (the index that should list it);
     `unreadable`: indexed tensors whose file is broken (reported there, not as missing)."""
     layout = model_layout(config, config_at)
+    model = layout.architecture
+
+    def at(name: str) -> str:
+        return files_of.get(name, "")
+
     failures = [
-        Failure(
-            "keys",
-            index_file,
-            name,
-            f"missing: {layout.architecture} has it and would load it random",
-        )
+        Failure("keys", index_file, name, f"missing: {model} has it and would load it random")
         for name in layout.saved
         if name not in index and name not in unreadable
     ]
     failures += [
-        Failure("keys", files_of.get(name, ""), name, f"unexpected: {layout.architecture} has no such weight")
+        Failure("keys", at(name), name, f"unexpected: {model} has no such weight")
         for name in index
         if name not in layout.saved and name not in layout.tied
-    ]  # fmt: skip
+    ]
     failures += [
-        Failure("keys", files_of.get(name, ""), name,
-                f"shape {list(index[name].shape)}, {layout.architecture} expects {list(piece.shape)}")
-        for name, piece in layout.saved.items()
-        if name in index and tuple(index[name].shape) != piece.shape
-    ]  # fmt: skip
+        Failure(
+            "keys",
+            at(name),
+            name,
+            f"shape {list(index[name].shape)}, {model} expects {list(p.shape)}",
+        )
+        for name, p in layout.saved.items()
+        if name in index and tuple(index[name].shape) != p.shape
+    ]
     return KeysCheck(failures, layout, auto_class(layout.architecture))
