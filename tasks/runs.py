@@ -34,6 +34,7 @@ __all__ = [
 # The library's loggers (storage retry warnings among them): forwarded to the run's logs.
 LOGGERS = ("ckpt_core", "ckptflow")
 _FLAG = re.compile(r"--([a-z][a-z0-9-]*)")
+_MISSING = re.compile(r"no such file or directory|does not exist", re.IGNORECASE)
 _END = r"(?=$|[/\s:;,)'\"])"  # a URL ends its path at one of these
 
 
@@ -130,8 +131,8 @@ def in_flow_terms(
 ) -> BaseException:
     """`error` as the flow reports it, one line: a refused storage operation explained as
     `conversion_run` does for the CLI, the CLI flags in its message named as the flow's
-    parameters (`--base` -> `parameter base`), and a refused file under one of the flow's URL
-    parameters followed by that parameter's name. `flags`: flag name -> parameter name;
+    parameters (`--base` -> `parameter base`), and a refused or missing file under one of the
+    flow's URL parameters followed by that parameter's name. `flags`: flag name -> parameter name;
     `urls`: parameter name -> its URL (the first is where an error without a file is about)."""
     if isinstance(error, STORAGE_REFUSALS) or (
         isinstance(error, OSError) and error.errno in retry.DESTINATION_ERRNOS
@@ -146,7 +147,8 @@ def in_flow_terms(
         return f"parameter {found}" if found else match.group(0)
 
     message = _FLAG.sub(name, str(error))
-    if isinstance(error, StorageRefusedError) and "parameter " not in message:
+    refused = isinstance(error, StorageRefusedError) or _MISSING.search(message)
+    if refused and "parameter " not in message:
         owner = _owner(message, urls)
         message += f" (parameter {owner})" if owner else ""
     if message == str(error):

@@ -21,7 +21,7 @@ from uuid import UUID
 
 import pytest
 
-from ckpt_core.errors import CkptError, StorageRefusedError
+from ckpt_core.errors import CkptError, FormatError, StorageRefusedError
 from ckpt_core.io import retry
 from ckpt_core.io.storage import Location
 from ckpt_core.pipeline import convert as core
@@ -428,5 +428,9 @@ def test_errors_in_flow_terms() -> None:
     assert isinstance(gone, StorageRefusedError)
     assert str(gone).startswith("b/hf/run1/x.safetensors: does not exist")
     assert str(gone).endswith("(parameter dst)")
+    missing = in_flow_terms(FormatError("s3://b/hf/x: no such file or directory"), flags, urls)
+    assert isinstance(missing, FormatError) and str(missing).endswith(
+        "x: no such file or directory (parameter src)"
+    )
     bug = RuntimeError("--base")
     assert in_flow_terms(bug, flags, urls) is bug  # a bug keeps its type and traceback
