@@ -213,7 +213,12 @@ _TEST_DELAY_ENV = "CKPTFLOW_TEST_DELAY_PER_TENSOR_SECONDS"
 
 
 def _chunks(
-    plan: ConversionPlan, *, check_overflow: bool = False, prefix: str = "", on_device: bool = False
+    plan: ConversionPlan,
+    *,
+    check_overflow: bool = False,
+    prefix: str = "",
+    on_device: bool = False,
+    buffers: ChunkBuffers | None = None,
 ) -> Callable[[str], Iterator[torch.Tensor]]:
     """Source tensors as bounded flat chunks, cast to their output dtype, in reused buffers
     (one stream: the writer's or the verifier's prefetch loop). Only the writer checks casts
@@ -223,7 +228,8 @@ def _chunks(
     release_freed_memory()  # every process that writes or verifies: CLI, flow workers, benches
     reader = reader_for(plan)
     index = reader.index()
-    buffers = ChunkBuffers()
+    if buffers is None:  # --to dcp/pth hands in its own: chunks read straight into place
+        buffers = ChunkBuffers()
     placement = placement_for(plan.options.device) if on_device else None
     device = DeviceStream(placement) if placement is not None else None
     delay = float(os.environ.get(_TEST_DELAY_ENV, "0") or 0)
@@ -265,13 +271,15 @@ def write_shard(
         for n in shard.tensors
     ]
 
+    def chunks_into(buffers: ChunkBuffers | None = None) -> Callable[[str], Iterator[torch.Tensor]]:
+        check = not plan.options.allow_overflow
+        return _chunks(plan, check_overflow=check, prefix=prefix, on_device=True, buffers=buffers)
+
     def attempt() -> FileRecord:
         ensure_unfinished(plan.target)
-        chunks = _chunks(
-            plan, check_overflow=not plan.options.allow_overflow, prefix=prefix, on_device=True
-        )
         if plan.options.to != "hf":  # DCP or .pth: that format's own writer (targets.py)
-            return write_training(plan, layout, chunks, on_bytes)
+            return write_training(plan, layout, chunks_into, on_bytes)
+        chunks = chunks_into()
         return write_safetensors(work, shard.filename, layout, chunks, on_bytes)
 
     record = retry.call(work.file(shard.filename), attempt)

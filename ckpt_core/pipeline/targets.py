@@ -33,6 +33,7 @@ from ckpt_core.pipeline.plan import ShardSpec
 from ckpt_core.pipeline.resolve import pretrained_name
 from ckpt_core.pipeline.save_layout import config_where
 from ckpt_core.pipeline.source import Source
+from ckpt_core.pipeline.stream import ChunkBuffers
 from ckpt_core.pipeline.verify import ShardCheck, verify_read_back
 from ckpt_core.pipeline.writer import FileRecord
 
@@ -204,33 +205,69 @@ def plan_training(
 
 
 def write_training(
-    plan: ConversionPlan, layout: Layout, chunks: Chunks, on_bytes: OnBytes | None
+    plan: ConversionPlan,
+    layout: Layout,
+    chunks_into: Callable[[ChunkBuffers], Chunks],
+    on_bytes: OnBytes | None,
 ) -> FileRecord:
     """Write the plan's one file (DCP: also its `.metadata`); each tensor is materialised from
-    its chunks only when the format's writer takes it."""
+    its chunks only when the format's writer takes it. `chunks_into(buffers)`: the source's
+    chunks, read into the buffers given (here: straight into the tensor being filled)."""
     work = Location(plan.target.work_url)
     shapes = {n: (dtype, shape) for n, dtype, shape in layout}
+    # DCP writes each tensor before it asks for the next: one reused buffer serves them all.
+    # A .pth pickles the whole dict at the end: each tensor its own memory.
+    empty = to_dcp.one_buffer(layout) if plan.options.to == "dcp" else _fresh
+    landing = _InPlace()
+    chunks = chunks_into(landing)
 
     def produce(name: str) -> torch.Tensor:
         dtype, shape = shapes[name]
-        out = torch.empty(shape, dtype=dtype)
-        flat, filled = out.view(-1), 0
-        for chunk in chunks(name):
-            count = chunk.numel()
-            if filled + count > flat.numel():
-                raise FormatError(f"{name}: the source yields more than {list(shape)}")
-            flat[filled : filled + count].copy_(chunk)
-            filled += count
-            if on_bytes:
-                on_bytes(count * chunk.element_size())
-        if filled != flat.numel():
-            raise FormatError(f"{name}: the source yields {filled} of {flat.numel()} elements")
+        out = empty(dtype, shape)
+        landing.target = flat = out.reshape(-1)
+        landing.filled = 0
+        try:
+            for chunk in chunks(name):
+                count, start = chunk.numel(), landing.filled
+                if start + count > flat.numel():
+                    raise FormatError(f"{name}: the source yields more than {list(shape)}")
+                place = flat[start : start + count]
+                if count and chunk.data_ptr() != place.data_ptr():  # not read in place
+                    place.copy_(chunk)
+                landing.filled += count
+                if on_bytes:
+                    on_bytes(count * chunk.element_size())
+        finally:
+            landing.target = None
+        if landing.filled != flat.numel():
+            raise FormatError(f"{name}: the source yields {landing.filled} of {flat.numel()}")
         return out
 
     filename = plan.shards[0].filename
     if plan.options.to == "dcp":
         return to_dcp.write_dcp(work, layout, produce, key=plan.options.dcp_key, data_file=filename)
     return to_pth.write_pth(work, filename, layout, produce, plan.sources)
+
+
+class _InPlace(ChunkBuffers):
+    """Chunk buffers that are the next elements of the tensor being filled, so a reader reads
+    (or a cast writes) each chunk where it belongs and nothing is copied again. Any other
+    request (a stored-dtype scratch before a cast) gets an ordinary reused buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.target: torch.Tensor | None = None  # flat
+        self.filled = 0  # elements consumed so far: the next chunk starts here
+
+    def take(self, count: int, dtype: torch.dtype) -> torch.Tensor:
+        target, start = self.target, self.filled
+        if target is not None and target.dtype == dtype and start + count <= target.numel():
+            return target[start : start + count]
+        return super().take(count, dtype)
+
+
+def _fresh(dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype)
 
 
 def write_training_index(plan: ConversionPlan) -> list[FileRecord]:

@@ -173,6 +173,7 @@ def verify_read_back(
     differs: set[str] = set()
     position = dict.fromkeys(shard.tensors, 0)
     whole: tuple[str, torch.Tensor] | None = None  # a reader without ranged reads: one tensor
+    written_buffer = ChunkBuffers(slots=1)  # this loop is done with a chunk before the next
     for name, source in prefetch(produced()):
         info = index[name]
         start, count = position[name], source.numel()
@@ -181,7 +182,7 @@ def verify_read_back(
             differs.add(name)
             continue
         if isinstance(written, RangeReader):
-            back = written.read_range(name, start, count)
+            back = written.read_range(name, start, count, written_buffer.take(count, info.dtype))
         else:
             if whole is None or whole[0] != name:
                 whole = (name, written.read(name).reshape(-1))
