@@ -20,6 +20,7 @@ import math
 from collections.abc import Mapping, Sequence
 from itertools import product
 
+import numpy as np
 import torch
 
 from ckpt_core.dtypes import flat_buffer
@@ -140,7 +141,8 @@ class MegatronReader:
     def read_range(
         self, name: str, start: int, count: int, out: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Elements [start, start+count) in C order: the rows they lie in, block by block."""
+        """Elements [start, start+count) in C order, block by block: whole rows straight into
+        `out`, a row cut by the range's ends through a one-row buffer."""
         info = lookup(self._index, name, self.root.url)
         piece = self._pieces[name]
         if start < 0 or count < 0 or start + count > info.numel:
@@ -148,27 +150,40 @@ class MegatronReader:
         out = flat_buffer(out, count, info.dtype)
         row = math.prod(piece.shape[1:]) if piece.shape else 1
         end = start + count
-        first = 0  # the piece's row where the block starts
+        first = 0  # the piece's element where the block starts
         for block in piece.blocks:
-            lo = max(start, first * row)
-            hi = min(end, (first + block.rows) * row)
-            if lo < hi:
-                r0, r1 = lo // row - first, -(-hi // row) - first
-                rows = self._rows(block, r0, r1, info.dtype, piece)
-                skip = lo - (first + r0) * row
-                out[lo - start : hi - start].copy_(rows[skip : skip + hi - lo])
-            first += block.rows
+            lo, hi = max(start, first), min(end, first + block.rows * row)
+            first += block.rows * row
+            if lo >= hi:
+                continue
+            rel_lo, rel_hi = lo - (first - block.rows * row), hi - (first - block.rows * row)
+            whole_lo, whole_hi = -(-rel_lo // row), rel_hi // row  # whole rows inside
+            if whole_lo < whole_hi:
+                dest = out[lo - start + whole_lo * row - rel_lo :][: (whole_hi - whole_lo) * row]
+                self._rows(block, whole_lo, whole_hi, piece, info.dtype, dest)
+            for r in {rel_lo // row, (rel_hi - 1) // row}:  # rows cut by the range's ends
+                a, b = max(rel_lo, r * row), min(rel_hi, (r + 1) * row)
+                if a < b and (a, b) != (r * row, (r + 1) * row):
+                    one = self._rows(block, r, r + 1, piece, info.dtype, None)
+                    base = lo - start - rel_lo
+                    out[base + a : base + b].copy_(one[a - r * row : b - r * row])
         return out
 
     def _rows(
-        self, block: Block, r0: int, r1: int, dtype: torch.dtype, piece: Piece
+        self,
+        block: Block,
+        r0: int,
+        r1: int,
+        piece: Piece,
+        dtype: torch.dtype,
+        out: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Rows [r0, r1) of a block, flat."""
+        """Rows [r0, r1) of a block, flat (into `out` when given)."""
         fqn = self._sources[block.source]
         trailing = piece.shape[1:]
         offsets = (*block.at, block.row + r0, *(0 for _ in trailing))
         sizes = (*(1 for _ in block.at), r1 - r0, *trailing)
-        return read_box(self._dcp.pieces(fqn), (offsets, sizes), dtype)
+        return read_box(self._dcp.pieces(fqn), (offsets, sizes), dtype, out)
 
     def facts(self) -> SourceFacts:
         facts = self._dcp.facts()
@@ -180,23 +195,27 @@ class MegatronReader:
 
 
 def read_box(
-    chunks: Sequence[tuple[Box, LazyTensor]], box: Box, dtype: torch.dtype
+    chunks: Sequence[tuple[Box, LazyTensor]],
+    box: Box,
+    dtype: torch.dtype,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The elements of `box` (offsets, sizes) of a chunked tensor, flat, C order. Each chunk it
-    overlaps gives one contiguous byte range per row of their overlap above the first dim
-    the overlap does not span whole (usually one range)."""
+    """The elements of `box` (offsets, sizes) of a chunked tensor, flat, C order (into `out`
+    when given). Each chunk it overlaps gives one contiguous byte range per row of their
+    overlap above the first dim the overlap does not span whole (usually one range)."""
     offsets, sizes = box
-    out = torch.empty(sizes, dtype=dtype)
+    flat = flat_buffer(out, math.prod(sizes), dtype)
+    shaped = flat.view(sizes)
     for (c_off, c_size), lazy in chunks:
         lo = [max(a, b) for a, b in zip(offsets, c_off, strict=True)]
         hi = [min(a + s, b + t) for a, s, b, t in zip(offsets, sizes, c_off, c_size, strict=True)]
         if any(low >= high for low, high in zip(lo, hi, strict=True)):
             continue
-        target = out[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, offsets, strict=True))]
+        target = shaped[tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, offsets, strict=True))]
         local = [a - c for a, c in zip(lo, c_off, strict=True)]
         extent = [b - a for a, b in zip(lo, hi, strict=True)]
         _copy_overlap(lazy, local, extent, target)
-    return out.reshape(-1)
+    return flat
 
 
 def _copy_overlap(
@@ -221,8 +240,14 @@ def _copy_overlap(
         place = target[index] if index else target
         if place.is_contiguous():
             lazy.read_range(begin, run, place.view(-1))
-        else:
-            place.copy_(lazy.read_range(begin, run).view(place.shape))
+        else:  # a TP column block of whole rows: read, then spread over the rows
+            _spread(place, lazy.read_range(begin, run))
+
+
+def _spread(place: torch.Tensor, flat: torch.Tensor) -> None:
+    """`place.copy_(flat)` by numpy's single-threaded copy: torch's parallel copy waits on its
+    threads, 10-100x slower when other processes keep the cores busy (measured here)."""
+    np.copyto(place.view(torch.uint8).numpy(), flat.view(place.shape).view(torch.uint8).numpy())
 
 
 class MegatronFormat:
