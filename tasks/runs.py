@@ -106,6 +106,10 @@ def bridge_loggers() -> None:
         runs.addFilter(_ThreadTimeoutNote())
     for name in LOGGERS:
         logger = logging.getLogger(name)
+        # PREFECT_LOGGING_EXTRA_LOGGERS gives these loggers Prefect's own API handler: this one
+        # replaces it (it also covers ckptflow's threads), so no record is sent twice.
+        for plain in [h for h in logger.handlers if type(h) is APILogHandler]:
+            logger.removeHandler(plain)
         if not any(isinstance(h, _RunLogHandler) for h in logger.handlers):
             logger.addHandler(_RunLogHandler())
         if logger.level == logging.NOTSET:
