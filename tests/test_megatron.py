@@ -20,6 +20,7 @@ from ckpt_core.formats.dcp import DcpReader
 from ckpt_core.formats.megatron import MegatronReader, find_checkpoint, read_box
 from ckpt_core.formats.protocol import OpenOptions
 from ckpt_core.formats.registry import detect
+from ckpt_core.formats.torchzip import LazyTensor
 from ckpt_core.io.storage import Location
 from ckpt_core.pipeline.conversion import options_from
 from ckpt_core.pipeline.convert import convert
@@ -85,11 +86,20 @@ def test_common_state_inside_distcp_files(mg_root: Path, tmp_path: Path) -> None
     torch.testing.assert_close(hf_logits(tmp_path / "out"), reference(case), rtol=1e-5, atol=1e-5)
 
 
-def test_ranges_and_boxes_equal_the_whole_tensor(mg_root: Path) -> None:
+def test_ranges_and_boxes_equal_the_whole_tensor(
+    mg_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Every HF tensor read by ranges of odd sizes (rows cut in the middle, across query groups
     and TP chunks) equals the tensor read whole; boxes equal slices of torch's own assembly."""
     case = mg_root / "qwen3_tp2_mha"
     reader = MegatronReader(Location(str(case / "ckpt")), OpenOptions(base=str(case / "base")))
+
+    def whole(*_: object) -> None:
+        raise AssertionError("a stacked tensor or a whole chunk was read")
+
+    # Streamed: never the stacked tensor whole, never a chunk materialised.
+    monkeypatch.setattr(DcpReader, "read", whole)
+    monkeypatch.setattr(LazyTensor, "materialize", whole)
     for name, info in reader.index().items():
         whole = reader.read(name).reshape(-1)
         step = 37
@@ -146,6 +156,16 @@ def test_mismatched_base_refused_before_writing(
 def test_without_base_refused(mg_root: Path) -> None:
     with pytest.raises(ConfigError, match="pass --base"):
         MegatronReader(Location(str(mg_root / "mistral_pp2_gqa" / "ckpt")), OpenOptions())
+
+
+def test_latest_file_never_names_a_path(mg_root: Path, tmp_path: Path) -> None:
+    """`latest_checkpointed_iteration.txt` says an iteration (or `release`), not where to read."""
+    src = tmp_path / "run"
+    shutil.copytree(mg_root / "llama_tp2_gqa" / "ckpt", src)
+    (src / "latest_checkpointed_iteration.txt").write_text("../run/iter_0000007")
+    assert find_checkpoint(Location(str(src))) is None
+    (src / "latest_checkpointed_iteration.txt").write_text("7\n")
+    assert find_checkpoint(Location(str(src))) == "iter_0000007"
 
 
 def test_moe_and_unknown_tensors_refused_by_name() -> None:

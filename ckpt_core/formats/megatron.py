@@ -63,8 +63,10 @@ def find_checkpoint(root: Location) -> str | None:
         return None
     if root.exists(LATEST) and root.size(LATEST) < 64:
         text = root.read_text(LATEST).strip()
+        if not (text.isdigit() or text == "release"):  # never a path of the file's choosing
+            return None
         nested = f"iter_{int(text):07d}" if text.isdigit() else text
-        return nested if text and _is_dist(root.child(nested)) else None
+        return nested if _is_dist(root.child(nested)) else None
     if _is_dist(root):
         return ""
     for nested in NESTED:
