@@ -15,7 +15,9 @@ its ckptflow fp32 conversion is made once beside it. Each variant runs in its ow
   load both + compare        zero_to_fp32's get_fp32_state_dict_from_zero_checkpoint(CKPT) and
                              safetensors' load_file of every output shard, torch.equal per tensor
 
-Goal (issue 13): `verify --against` under 300 MB peak RSS.
+Goal (issue 13): `verify --against` under 300 MB peak RSS. The ckptflow variants import
+transformers' model code before the clock starts (the key check and REF's layout need it,
+~115 MB of RSS whatever the model), as the load variant imports deepspeed.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ IMPORTS = {
         from ckpt_core.proof.verify_dir import verify_dir
         from ckpt_core.formats.registry import formats
         formats()  # the format modules imported now count in the baseline
+        import transformers.modeling_utils  # the key check's (and source layout's) model code
     """,
     "load": """
         import torch
