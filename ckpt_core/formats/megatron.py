@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from collections.abc import Mapping, Sequence
 from itertools import product
 
@@ -99,6 +100,8 @@ class MegatronReader:
         shapes = {name: self._dcp.index()[fqn].shape for name, fqn in names.items()}
         self._pieces = plan_pieces(shapes, model, where=found.url, base=config_at)
         self._sources = names
+        self._by_layer: dict[str, dict[int, list[tuple[Box, LazyTensor]]]] = {}
+        self._lock = threading.Lock()  # readers are shared by the writer and verifier threads
         dtypes = {name: self._dcp.index()[fqn].dtype for name, fqn in names.items()}
         self._index = {
             name: TensorInfo(name, dtypes[piece.blocks[0].source], piece.shape)
@@ -185,7 +188,23 @@ class MegatronReader:
         trailing = piece.shape[1:]
         offsets = (*block.at, block.row + r0, *(0 for _ in trailing))
         sizes = (*(1 for _ in block.at), r1 - r0, *trailing)
-        return read_box(self._dcp.pieces(fqn), (offsets, sizes), dtype, out)
+        return read_box(self._chunks(fqn, block.at), (offsets, sizes), dtype, out)
+
+    def _chunks(self, fqn: str, at: tuple[int, ...]) -> Sequence[tuple[Box, LazyTensor]]:
+        """The chunks that can hold a layer's slice: those of that layer when each chunk is one
+        layer (as Megatron saves them), so a range looks at a few chunks, not L x TP of them."""
+        with self._lock:
+            by_layer = self._by_layer.get(fqn)
+            if by_layer is None:
+                by_layer = {}
+                for chunk in self._dcp.pieces(fqn):
+                    (offsets, sizes), _ = chunk
+                    key = offsets[0] if offsets and sizes[0] == 1 else -1
+                    by_layer.setdefault(key, []).append(chunk)
+                self._by_layer[fqn] = by_layer
+        if not at or -1 in by_layer:
+            return [c for chunks in by_layer.values() for c in chunks]
+        return by_layer.get(at[0], [])
 
     def facts(self) -> SourceFacts:
         facts = self._dcp.facts()
