@@ -54,6 +54,8 @@ def post_training(
     train_retry_delay_seconds: float = 5,
     train_timeout_seconds: float | None = None,
     step_timeout_seconds: float | None = None,
+    test_prompts: list[str] | None = None,
+    test_max_new_tokens: int = 16,
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Split the HF VLM at `model`, train its parts, merge the rank files back, test the result.
@@ -74,6 +76,9 @@ def post_training(
             empty: none.
         step_timeout_seconds: Time limit of split, merge and test each; empty:
             CKPTFLOW_TASK_TIMEOUT_SECONDS (default 6 h).
+        test_prompts: Prompts the test step generates from (seeded, greedy), as
+            `ckptflow test-model --prompt`; empty: test-model's defaults.
+        test_max_new_tokens: Tokens the test step generates per prompt.
         overwrite: Redo every step, replacing what an earlier run left.
     """
     split_dir = join_url(work_dir, "split")
@@ -114,7 +119,7 @@ def post_training(
         )
         print(f"merge: {merged['message']}")
         test = with_controls(steps.test, timeout_seconds=step_timeout_seconds, retries=False)
-        tested = test(merged_dir, model)
+        tested = test(merged_dir, model, prompts=test_prompts, max_new_tokens=test_max_new_tokens)
     print(f"test: {tested}")
     return {"split": done, "train": trained, "merge": merged, "test": tested}
 

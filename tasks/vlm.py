@@ -12,6 +12,7 @@ from prefect.cache_policies import NO_CACHE
 
 from ckpt_core.dtypes import TargetDtype
 from ckpt_core.io.storage import Location
+from ckpt_core.proof.test_model import DEFAULT_PROMPTS, TestDevice, markdown, run_test_model
 from ckpt_core.vlm import merge as vlm_merge
 from ckpt_core.vlm import split as vlm_split
 from ckpt_core.vlm import tiny_trainer
@@ -91,11 +92,28 @@ def merge(
 
 
 @task(name="test", cache_policy=NO_CACHE)
-def test(merged_dir: str, model: str) -> dict[str, Any]:
+def test(
+    merged_dir: str,
+    model: str,
+    *,
+    prompts: list[str] | None = None,
+    max_new_tokens: int = 16,
+    device: TestDevice = "auto",
+) -> dict[str, Any]:
+    """`ckptflow test-model`'s logic on the merged model (strict load, seeded greedy generation,
+    timings), after the merge's own check against the base (strict keys, finite logits)."""
     found = vlm_merge.check_merged(merged_dir, model)
+    generated = run_test_model(
+        merged_dir,
+        prompts=prompts or DEFAULT_PROMPTS,
+        max_new_tokens=max_new_tokens,
+        device=device,
+    )
     rows = "\n".join(f"| {k} | {v} |" for k, v in found.items())
     create_markdown_artifact(
         key=artifact_key("post-training-test", merged_dir),
-        markdown=f"## post_training test\n\n| item | value |\n| --- | --- |\n{rows}\n",
+        markdown=f"## post_training test\n\n| item | value |\n| --- | --- |\n{rows}\n\n"
+        f"## test-model\n\n{markdown(generated)}\n\n```json\n"
+        f"{json.dumps(generated, indent=2)}\n```\n",
     )
-    return found
+    return {**found, "test_model": generated}

@@ -20,12 +20,17 @@ from ckpt_core.vlm.split import split
 from ckpt_core.vlm.tiny_trainer import run_train_command
 from tests.fixtures.tiny_vlm import save_tiny_vlm
 from tests.helpers.cli_runs import tree
+from tests.helpers.tiny_text import write_image_processor, write_tokenizer
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("pt-base")
     save_tiny_vlm(path)
+    # a real VLM's tokenizer (byte-level, chat template) and image processor: the test step
+    # generates from an image and a prompt
+    write_tokenizer(path)
+    write_image_processor(path)
     return path
 
 
@@ -49,12 +54,17 @@ def test_post_training_flow_end_to_end(prefect_harness: None, base: Path, tmp_pa
 
     from flows.post_training import post_training
 
-    outcome = post_training(str(base), str(tmp_path / "work"), parallel_size=2, steps_per_rank=2)
+    words = {"test_prompts": ["Describe it."], "test_max_new_tokens": 4}
+    outcome = post_training(
+        str(base), str(tmp_path / "work"), parallel_size=2, steps_per_rank=2, **words
+    )
     merged = tmp_path / "work" / "merged"
     assert (merged / "_SUCCESS").exists() and (merged / "merge_metadata.json").exists()
     assert outcome["split"]["counts"] == {"vision": 30, "text": 27}
     assert len(outcome["train"]["losses"]) == 2
     assert outcome["test"]["finite"] and outcome["test"]["tensors_changed_vs_base"] > 0
+    generated = outcome["test"]["test_model"]  # test-model's JSON, on the merged model
+    assert generated["image_input"] and generated["prompts"][0]["new_tokens"] > 0
     loaded: Any = Qwen2_5_VLForConditionalGeneration.from_pretrained(
         merged, output_loading_info=True
     )
@@ -69,11 +79,15 @@ def test_post_training_flow_end_to_end(prefect_harness: None, base: Path, tmp_pa
     # training that would then fail at merge), and tests the same merged model again.
     before = tree(tmp_path / "work")
     state = post_training(
-        str(base), str(tmp_path / "work"), parallel_size=2, steps_per_rank=2, return_state=True
-    )
+        str(base), str(tmp_path / "work"), parallel_size=2, steps_per_rank=2, return_state=True,
+        **words,
+    )  # fmt: skip
     again = state.result()
     assert again["split"]["skipped"] and again["merge"]["skipped"]
     assert again["train"]["losses"] == outcome["train"]["losses"]
+    assert again["test"]["test_model"]["prompts"] == generated["prompts"] or [
+        p["text"] for p in again["test"]["test_model"]["prompts"]
+    ] == [p["text"] for p in generated["prompts"]]  # seeded greedy: the same text
     run_id = state.state_details.flow_run_id
     names = [r.name for r in asyncio.run(_task_runs_of(run_id))]
     assert not [n for n in names if n.startswith("train")], names
