@@ -22,13 +22,14 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import time
 import warnings
 from pathlib import Path
 
-from _measure import Figure, ratios, settle, table
+from _measure import Figure, settle, table
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -138,7 +139,18 @@ def main() -> None:
     figures = {n: [Figure.of(n, r) for r in runs] for n, runs in results.items()}
     print(table(figures, size / 1e6))
     for theirs in names[1:]:
-        print(ratios("ckptflow", theirs, figures))
+        print(_ratios(figures["ckptflow"], figures[theirs], theirs))
+
+
+def _ratios(ours: list[Figure], theirs: list[Figure], name: str) -> str:
+    fastest = min(f.wall_s for f in ours) / min(f.wall_s for f in theirs)
+    median = statistics.median(f.wall_s for f in ours) / statistics.median(f.wall_s for f in theirs)
+    rss = max(f.peak_mib for f in ours) / max(f.peak_mib for f in theirs)
+    above = max(f.above_base_mib for f in ours) / max(f.above_base_mib for f in theirs)
+    return (
+        f"ckptflow / {name}: wall {fastest:.2f} (fastest runs), {median:.2f} (medians); "
+        f"peak RSS {rss:.3f}, above base {above:.3f}"
+    )
 
 
 if __name__ == "__main__":
