@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert.add_argument("dst", help="output directory or URL")
     convert.add_argument(
-        "--dtype", choices=["bf16", "fp16", "fp32", "keep"],
+        "--dtype", default="default", choices=["default", "bf16", "fp16", "fp32", "keep"],
         help="floating-point dtype written (keep: each tensor's stored dtype); default by --to: "
         "bf16 for hf, keep for dcp (dcp.load casts into the model's own dtype), fp16 for pth",
     )  # fmt: skip

@@ -16,13 +16,12 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from ckpt_core.dtypes import TargetDtype
 from ckpt_core.formats.peft_adapter import LoraMode
-from ckpt_core.pipeline.checkpoints import resolve_checkpoint
 from ckpt_core.pipeline.conversion import (
     ConversionPlan,
     ConvertFlags,
     Device,
+    DtypeFlag,
     ModelChoice,
     OutputFormat,
 )
@@ -57,7 +56,7 @@ def convert_flow(
     src: str,
     dst: str,
     *,
-    dtype: TargetDtype | None = None,  # None: the default of `to` (bf16 for hf)
+    dtype: DtypeFlag = "default",
     max_shard_size: str = "5GB",
     base: str | None = None,
     strip_prefix: list[str] | None = None,
@@ -86,7 +85,8 @@ def convert_flow(
     Args:
         src: The checkpoint: a local path or any fsspec URL (s3://bucket/run1/global_step200).
         dst: Where the converted checkpoint is published (a directory or URL prefix).
-        dtype: Output dtype; empty: the output format's default (bf16 for hf, keep for dcp).
+        dtype: Output dtype; default: the output format's (bf16 for hf, keep for dcp, fp16
+            for pth).
         max_shard_size: Largest output shard, e.g. 5GB or 500MB.
         base: A HF model directory (config.json) to check names and shapes against, and the
             base model for LoRA fusing.
@@ -103,9 +103,9 @@ def convert_flow(
         to: Output format: hf (safetensors directory), dcp or pth.
         models: BAGEL-style sources: which models to write (main, ema or both).
         dcp_key: The state-dict key that holds the model in a DCP checkpoint.
-        stage: Pipeline stage layout of the source, where it has one.
-        hidden_size: The model's hidden size, where the source does not say.
-        moe: The source is a mixture-of-experts model.
+        stage: to=pth: the training stage in the file name {stage}_{hidden_size}[_moe].pth.
+        hidden_size: to=pth: the hidden size in the file name (default: the config's).
+        moe: to=pth: add _moe to the file name.
         device: Where rank pieces are merged and cast (cpu, cuda, auto); same bytes.
         wait_seconds: How long to wait for another run writing dst (default:
             CKPTFLOW_LOCK_WAIT_SECONDS, else fail at once naming it).
@@ -114,8 +114,7 @@ def convert_flow(
     given = locals()
     flags = ConvertFlags(**{f.name: given[f.name] for f in fields(ConvertFlags)})
     with run_logs(), reported(FLAGS, dst=dst, src=src):
-        src = resolve_checkpoint(src, latest=latest)  # the manifest names the checkpoint converted
-        conversion = with_controls(steps.plan)(src, dst, flags.options())
+        conversion = with_controls(steps.plan)(src, dst, flags.options(), latest=latest)
         labels = (f"format:{conversion.format}", f"to:{to}", f"dtype:{conversion.options.dtype}")
         tag_run(*labels)
         # A manual run holds its destination's concurrency slot: a second run to the same dst

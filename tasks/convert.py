@@ -10,6 +10,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from ckpt_core.pipeline import convert as core
+from ckpt_core.pipeline.checkpoints import resolve_checkpoint
 from ckpt_core.pipeline.conversion import ConversionPlan, ConvertOptions, ConvertResult
 from ckpt_core.pipeline.verify import Report, ShardCheck
 from ckpt_core.pipeline.writer import FileRecord
@@ -28,8 +29,10 @@ def _shard_run_name(verb: str) -> Any:
 
 
 @task(name="plan", cache_policy=NO_CACHE, **IO_RETRIES)
-def plan(src: str, dst: str, options: ConvertOptions) -> ConversionPlan:
-    return core.plan_conversion(src, dst, options)
+def plan(src: str, dst: str, options: ConvertOptions, *, latest: bool = False) -> ConversionPlan:
+    """The plan; with `latest`, of the newest checkpoint-N under `src` (which the manifest
+    names). Reading the source happens here, in a task, so a storage outage is retried."""
+    return core.plan_conversion(resolve_checkpoint(src, latest=latest), dst, options)
 
 
 @task(

@@ -166,12 +166,6 @@ def test_a_manual_run_with_parameters_completes_with_readable_artifacts(
     assert "OK" in text, text[:2000]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 14 item 2: flows/convert.py calls resolve_checkpoint (a storage read) in the "
-    "flow body, outside any task's retries, so an outage fails the run at once "
-    "(StorageUnavailableError); remove this mark when the read moves into a retried task",
-)
 def test_a_storage_outage_is_retried_and_the_run_completes(site: Site) -> None:
     stack = site.stack
     site.proxy.down.set()  # the store is unreachable until a retry has been scheduled

@@ -25,11 +25,13 @@ from ckpt_core.units import parse_size_bytes
 OutputFormat = Literal["hf", "dcp", "pth"]  # what `--to` writes
 ModelChoice = Literal["main", "ema", "both"]  # BAGEL-style sources: which models `--models` writes
 Device = Literal["cpu", "cuda", "auto"]  # where rank pieces are merged and cast
-# `--dtype` when not given, by `--to` (why these: see ckpt_core.pipeline.targets)
+DtypeFlag = Literal["default", "bf16", "fp16", "fp32", "keep"]  # `--dtype`: default by `--to`
+# `--dtype default`, by `--to` (why these: see ckpt_core.pipeline.targets)
 DEFAULT_DTYPES: dict[OutputFormat, TargetDtype] = {"hf": "bf16", "dcp": "keep", "pth": "fp16"}
 
 __all__ = [
     "DEFAULT_DTYPES",
+    "DtypeFlag",
     "ConversionPlan",
     "ConvertFlags",
     "ConvertOptions",
@@ -75,7 +77,7 @@ class ConvertFlags:
     """The options as `ckptflow convert` and the `convert` flow take them: flat, by name, sizes
     as text. The CLI reads these names off its arguments; the flow has them as parameters."""
 
-    dtype: TargetDtype | None = None  # None: the default of the `to` format (DEFAULT_DTYPES)
+    dtype: DtypeFlag = "default"  # the default of the `to` format (DEFAULT_DTYPES)
     max_shard_size: str = "5GB"
     base: str | None = None
     strip_prefix: Sequence[str] | None = None
@@ -99,7 +101,7 @@ class ConvertFlags:
     def options(self) -> ConvertOptions:
         """The pipeline's options (the size parsed here, once)."""
         return ConvertOptions(
-            dtype=self.dtype or DEFAULT_DTYPES[self.to],
+            dtype=DEFAULT_DTYPES[self.to] if self.dtype == "default" else self.dtype,
             max_shard_bytes=parse_size_bytes(self.max_shard_size),
             base=self.base,
             strip_prefix=tuple(self.strip_prefix or ()),
