@@ -67,3 +67,17 @@ def test_hf2fsdp_is_convert_to_dcp(tiny_hf_dir: Path, tmp_path: Path) -> None:
     assert main(["convert", str(src), str(plain), "--to", "dcp"]) == 0
     assert tree(alias) == tree(plain)
     assert (alias / ".metadata").exists()
+
+
+@pytest.mark.parametrize("models", ["both", "ema"])
+def test_bagel2hf_is_convert_with_models(tmp_path: Path, models: str) -> None:
+    from tests.fixtures.bagel_cache import build_bagel_fixtures
+
+    bagel = build_bagel_fixtures()
+    src, base = str(bagel / "dcp"), str(bagel / "base")
+    alias, plain = tmp_path / "alias", tmp_path / "plain"
+    assert main(["bagel2hf", "--checkpoint_dir", src, "--output_dir", str(alias),
+                 "--base_model_path", base, "--models", models]) == 0  # fmt: skip
+    assert main(["convert", src, str(plain), "--base", base, "--models", models]) == 0
+    assert tree(alias) == tree(plain)
+    assert (alias / "ae.safetensors").exists() and (alias / "ema.safetensors").exists()

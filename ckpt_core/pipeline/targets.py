@@ -1,7 +1,7 @@
 """Back into training formats (`--to dcp`, `--to pth`): what such an output holds and is named.
 
 A trainer loads these into a model it builds from the config (`dcp.load(model.state_dict())`,
-`model.load_state_dict(torch.load(...), strict=True)`), so the output holds the in-memory state
+`model.load_state_dict(torch.load of the file, strict=True)`), so the output holds the in-memory state
 dict: every name `model.state_dict()` has, tied copies included (save_pretrained leaves them
 out; a strict load needs them), in its order. Each output name reads one source tensor: itself,
 the saved tensor it is when transformers saves it whole under another name, or the tensor a

@@ -1,5 +1,5 @@
 """`--to pth`: one plain state dict in one `torch.save` pickle, as MiniMind-style trainers load
-it (`model.load_state_dict(torch.load(path), strict=True)`).
+it (`model.load_state_dict(torch.load of the file, strict=True)`).
 
 A pickle holds the whole dict, so this target cannot stream: the output is built in memory,
 one copy of it (each tensor cast straight into its own output buffer, chunk by chunk; a tied
