@@ -8,6 +8,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from ckpt_core.dtypes import to_safetensors
@@ -204,13 +205,15 @@ def identical(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Bitwise equality, compared 8 bytes at a time where the size allows (8x faster)."""
+    """Bitwise equality, compared 8 bytes at a time where the size allows (8x faster), by numpy:
+    single-threaded, it does not stall when the reading thread is busy (torch.equal's intra-op
+    threads did: 2-4x slower on a loaded 2-core machine)."""
     x, y = a.contiguous().view(-1).view(torch.uint8), b.contiguous().view(-1).view(torch.uint8)
     if x.numel() != y.numel():
         return False
     if x.numel() % 8 == 0 and x.storage_offset() % 8 == 0 and y.storage_offset() % 8 == 0:
         x, y = x.view(torch.int64), y.view(torch.int64)
-    return torch.equal(x, y)
+    return bool(np.array_equal(x.numpy(), y.numpy()))
 
 
 def combine(

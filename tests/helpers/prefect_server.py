@@ -14,6 +14,8 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -101,14 +103,26 @@ class PrefectStack:
     # -- the API, as the UI reads it --------------------------------------------------------
 
     def post(self, path: str, body: dict[str, Any] | None = None) -> Any:
-        response = self.http.post(path, json=body or {})
-        response.raise_for_status()
-        return response.json()
+        return self._answer(lambda: self.http.post(path, json=body or {}))
 
     def get(self, path: str) -> Any:
-        response = self.http.get(path)
-        response.raise_for_status()
-        return response.json()
+        return self._answer(lambda: self.http.get(path))
+
+    def _answer(self, request: Callable[[], httpx.Response]) -> Any:
+        """A busy server (SQLite writes queued behind the scheduler's) may time out or answer
+        503: asked again, as Prefect's own client does. Every POST here is a read or carries an
+        idempotency key, so asking again never makes a second run."""
+        for attempt in range(4):
+            try:
+                response = request()
+                if response.status_code != 503 or attempt == 3:
+                    response.raise_for_status()
+                    return response.json()
+            except httpx.TimeoutException:
+                if attempt == 3:
+                    raise
+            time.sleep(2)
+        raise AssertionError("unreachable")
 
     def deployment(self, flow: str, name: str) -> dict[str, Any]:
         found: dict[str, Any] = self.get(f"deployments/name/{flow}/{name}")
@@ -121,7 +135,8 @@ class PrefectStack:
 
     def run_deployment(self, deployment_id: str, **parameters: Any) -> dict[str, Any]:
         made: dict[str, Any] = self.post(
-            f"deployments/{deployment_id}/create_flow_run", {"parameters": parameters}
+            f"deployments/{deployment_id}/create_flow_run",
+            {"parameters": parameters, "idempotency_key": uuid.uuid4().hex},
         )
         return made
 
