@@ -1,11 +1,13 @@
 """Hostile paths: nothing outside the destination is written, nothing outside the source is
 read. A remote key with `../`, a symlink planted at the lock's name, a destination reached
-through a symlink into the source, an asset symlinked to a file outside, and a destination that
-is a file or a symlink: each refused with one line, the thing outside untouched."""
+through a symlink into the source, an asset or a weight file symlinked to a file outside, and a
+destination that is a file or a symlink: each refused with one line, the thing outside
+untouched."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import fsspec
 import pytest
+from safetensors import safe_open
 
 from ckpt_core.errors import FormatError
 from ckpt_core.io.stage import stage_source
@@ -191,6 +194,71 @@ def test_hub_cache_snapshot_symlinks_into_its_blobs_are_assets(
     assert main(["convert", str(snapshot), str(dst)]) == 0, capsys.readouterr().err
     assert (dst / "config.json").read_bytes() == (tiny_hf_dir / "config.json").read_bytes()
     assert not (dst / "config.json").is_symlink()
+
+
+# -- 4b. a weight file symlinked outside the source is refused (issue 11) --------------------
+
+
+def _link_weights_out(src: Path, elsewhere: Path, how: str) -> Path:
+    """Move the weights to `elsewhere` and leave a link in the source: `file` links
+    model.safetensors itself, `shard` an index's shard, `secret` links model.safetensors to a
+    credentials file. The link's target is returned."""
+    elsewhere.mkdir(parents=True)
+    target = elsewhere / "model.safetensors"
+    shutil.move(src / "model.safetensors", target)
+    if how == "secret":
+        target = elsewhere / ".aws" / "credentials"
+        target.parent.mkdir()
+        target.write_bytes(SECRET)
+    if how in ("file", "secret"):
+        (src / "model.safetensors").symlink_to(target)
+        return target
+    shard = "model-00001-of-00001.safetensors"
+    names = safe_open_names(target)
+    index = {"metadata": {}, "weight_map": dict.fromkeys(names, shard)}
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    (src / shard).symlink_to(target)
+    return target
+
+
+def safe_open_names(path: Path) -> list[str]:
+    with safe_open(str(path), "pt") as f:
+        return list(f.keys())
+
+
+@pytest.mark.parametrize("how", ["file", "shard", "secret"])
+def test_weight_file_symlinked_outside_the_source_is_refused(
+    src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], how: str
+) -> None:
+    """`file`, `shard`: the link's target is a valid copy of the model's weights, so only where
+    it lies refuses it; `secret`: none of the credentials' bytes show in the refusal."""
+    target = _link_weights_out(src, tmp_path / "elsewhere", how)
+    before = digest(src)
+    dst = tmp_path / "dst"
+    name = "model-00001-of-00001.safetensors" if how == "shard" else "model.safetensors"
+    line = refused(["convert", str(src), str(dst)], capsys, str(src / name), str(target), "outside")
+    assert "hunter2" not in line
+    assert not dst.exists() and not list(tmp_path.glob(".dst*"))
+    assert digest(src) == before
+
+
+def test_weight_file_symlinked_inside_the_source_is_read(
+    src: Path, tiny_hf_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A link that stays inside the source directory is the source's own file."""
+    (src / "weights").mkdir()
+    shutil.move(src / "model.safetensors", src / "weights" / "model.safetensors")
+    (src / "model.safetensors").symlink_to(Path("weights") / "model.safetensors")
+    dst = tmp_path / "dst"
+    assert main(["convert", str(src), str(dst), "--dtype", "fp32"]) == 0, capsys.readouterr().err
+    names = safe_open_names(tiny_hf_dir / "model.safetensors")
+    assert sorted(safe_open_names(dst / "model.safetensors")) == sorted(names)
+    with (
+        safe_open(str(dst / "model.safetensors"), "pt") as out,
+        safe_open(str(tiny_hf_dir / "model.safetensors"), "pt") as ref,
+    ):
+        for key in names:
+            assert out.get_tensor(key).equal(ref.get_tensor(key)), key
 
 
 # -- 5. item 7: a destination that is a file or a symlink is refused without --overwrite ----

@@ -11,7 +11,7 @@ chunk) is in memory at a time.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +19,7 @@ import torch
 
 from ckpt_core.dtypes import flat_buffer, itemsize
 from ckpt_core.errors import FormatError
+from ckpt_core.formats.boxes import Box, check_cover, fill_from, region, volume
 from ckpt_core.formats.protocol import OpenOptions, Reader, SourceFacts, TensorInfo, lookup
 from ckpt_core.formats.torchzip import LazyTensor, LazyTorchFile
 from ckpt_core.formats.unpickle import (
@@ -34,12 +35,8 @@ __all__ = [
     "FORMAT",
     "METADATA",
     "TRAINER_KEYS",
-    "Box",
     "DcpFormat",
     "DcpReader",
-    "check_cover",
-    "fill_from",
-    "region",
 ]
 
 METADATA = ".metadata"
@@ -66,59 +63,6 @@ MODEL_DIRS = ("pytorch_model_fsdp",)
 def _trainer_state(path: tuple[str, ...]) -> bool:
     """An entry nested under a trainer's top-level key (not a model tensor named like one)."""
     return len(path) > 1 and path[0] in TRAINER_KEYS
-
-
-# -- boxes: which part of a tensor a chunk or a rank piece covers -----------------------------
-Box = tuple[tuple[int, ...], tuple[int, ...]]  # (offsets, sizes)
-
-
-def check_cover(where: str, shape: Sequence[int], boxes: Sequence[Box], duplicates: bool) -> None:
-    """The boxes tile `shape` exactly: inside it, no partial overlaps, no gaps.
-
-    Identical boxes are an overlap unless `duplicates` (replicated pieces, compared elsewhere).
-    """
-    unique: list[Box] = []
-    for offsets, sizes in boxes:
-        if len(offsets) != len(shape) or len(sizes) != len(shape):
-            raise FormatError(f"{where}: piece rank {len(offsets)} != tensor rank {len(shape)}")
-        if any(o < 0 or s < 0 or o + s > d for o, s, d in zip(offsets, sizes, shape, strict=True)):
-            raise FormatError(
-                f"{where}: piece at {list(offsets)} of size {list(sizes)} lies outside {list(shape)}"
-            )
-        box = (tuple(offsets), tuple(sizes))
-        if box in unique:
-            if duplicates:
-                continue
-            raise FormatError(f"{where}: two pieces cover {list(offsets)} (size {list(sizes)})")
-        for other in unique:
-            if _intersects(box, other):
-                raise FormatError(f"{where}: pieces at {list(box[0])} and {list(other[0])} overlap")
-        unique.append(box)
-    covered = sum(_volume(sizes) for _, sizes in unique)
-    if covered != _volume(shape):
-        raise FormatError(
-            f"{where}: pieces cover {covered} of {_volume(shape)} elements (a chunk or rank is missing)"
-        )
-
-
-def _volume(sizes: Sequence[int]) -> int:
-    count = 1
-    for size in sizes:
-        count *= size
-    return count
-
-
-def _intersects(a: Box, b: Box) -> bool:
-    if _volume(a[1]) == 0 or _volume(b[1]) == 0:
-        return False
-    return all(
-        ao < bo + bs and bo < ao + as_
-        for ao, as_, bo, bs in zip(a[0], a[1], b[0], b[1], strict=True)
-    )
-
-
-def region(box: Box) -> tuple[slice, ...]:
-    return tuple(slice(o, o + s) for o, s in zip(box[0], box[1], strict=True))
 
 
 # -- the reader -------------------------------------------------------------------------------
@@ -307,7 +251,7 @@ class DcpReader:
                 f"{what}: chunk at bytes [{offset}, {offset + length}) lies outside "
                 f"{chunk.relative} ({file_bytes} bytes; truncated or corrupt)"
             )
-        claimed = _volume(chunk.box[1]) * itemsize(dtype)
+        claimed = volume(chunk.box[1]) * itemsize(dtype)
         if claimed > length:
             raise FormatError(
                 f"{what}: chunk at {list(chunk.box[0])} claims {list(chunk.box[1])} {dtype} "
@@ -353,7 +297,7 @@ class DcpReader:
         """(first flat element, chunk) per chunk when each chunk is a contiguous run of whole
         rows; None otherwise."""
         shape = entry.info.shape
-        row = _volume(shape[1:])
+        row = volume(shape[1:])
         runs = []
         for chunk in entry.chunks:
             offsets, sizes = chunk.box
@@ -392,23 +336,6 @@ class DcpReader:
 
     def asset_dirs(self) -> list[Location]:
         return [self.root]
-
-
-def fill_from(target: torch.Tensor, lazy: LazyTensor) -> None:
-    """Copy a chunk into its place; straight from the file when both sides are contiguous
-    (a Shard(0) chunk is a contiguous row block), saving an allocation and a copy."""
-    if tuple(target.shape) != tuple(lazy.shape) or target.dtype != lazy.dtype:
-        raise FormatError(
-            f"{lazy.source.where}: piece is {lazy.dtype} {list(lazy.shape)}, its place in the "
-            f"tensor is {target.dtype} {list(target.shape)}"
-        )
-    in_bounds = lazy.storage_offset + lazy.numel <= lazy.storage.numel
-    if target.is_contiguous() and lazy.is_contiguous() and in_bounds and lazy.numel:
-        start = lazy.source.record_offset(lazy.storage.key)
-        flat = target.view(-1)  # a 0-dim tensor cannot be viewed as bytes; a 1-dim one can
-        lazy.source.read_into(start + lazy.storage_offset * target.element_size(), flat)
-    else:
-        target.copy_(lazy.materialize())
 
 
 class DcpFormat:

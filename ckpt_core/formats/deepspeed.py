@@ -4,7 +4,8 @@ The fp32 master weights are rebuilt as DeepSpeed's `zero_to_fp32.py` does, but l
 pickles are replayed by the allow-listed unpickler with the `DEEPSPEED` fragment (safe
 stand-ins for DeepSpeed's classes, see unpickle.py), and each parameter is materialised alone
 by ranged reads of exactly its slice of each rank's flat fp32 group. Adam moments are never
-read.
+read. File names and rank arithmetic are in deepspeed_layout, checkpoints without ZeRO
+(stage 0) in deepspeed_stage0.
 """
 
 from __future__ import annotations
@@ -22,20 +23,19 @@ from ckpt_core.formats.deepspeed_layout import (
     MODEL_RE,
     OPTIM_RE,
     ParamPlan,
-    natural_key,
+    check_ranks,
+    open_states,
+    rank_files,
+    tag_file,
     zero2_plans,
     zero3_plans,
 )
+from ckpt_core.formats.deepspeed_stage0 import configured_stage, read_stage0
 from ckpt_core.formats.protocol import OpenOptions, SourceFacts, TensorInfo, lookup
 from ckpt_core.formats.torchzip import LazyTensor, LazyTorchFile
-from ckpt_core.formats.unpickle import DEEPSPEED
 from ckpt_core.io.storage import Location, safe_relative, split_url
 
 __all__ = ["FORMAT", "DeepSpeedFormat", "DeepSpeedReader"]
-
-
-def _lazy(root: Location, relative: str) -> LazyTorchFile:
-    return LazyTorchFile(root, relative, extra_globals=DEEPSPEED)
 
 
 def _flat(value: Any, where: str, what: str) -> LazyTensor:
@@ -67,18 +67,18 @@ class DeepSpeedReader:
 
     # -- opening ------------------------------------------------------------------------------
     def _rel(self, name: str) -> str:
-        return posixpath.join(self._tag_dir, name) if self._tag_dir else name
+        return tag_file(self._tag_dir, name)
 
     def _build(self) -> None:
         names = self.root.child(self._tag_dir).listdir() if self._tag_dir else self.root.listdir()
         if not any(OPTIM_RE.match(n) for n in names):
             self._build_stage0(names, "no ZeRO optimizer partitions (*_optim_states.pt)")
             return
-        optim = self._rank_files(names, OPTIM_RE, "optimizer partition (*_optim_states.pt)")
-        first = _lazy(self.root, self._rel(optim[min(optim)]))
+        optim = rank_files(names, OPTIM_RE, "optimizer partition (*_optim_states.pt)", self._where)
+        first = open_states(self.root, self._rel(optim[min(optim)]))
         osd = first.obj.get("optimizer_state_dict") if isinstance(first.obj, dict) else None
-        if (not isinstance(osd, dict) or "zero_stage" not in osd) and self._configured_stage(
-            names
+        if (not isinstance(osd, dict) or "zero_stage" not in osd) and configured_stage(
+            self.root, self._tag_dir, names, self._where
         ) == 0:
             self._build_stage0(names, f"{optim[min(optim)]} is not a ZeRO partition")
             return
@@ -93,18 +93,22 @@ class DeepSpeedReader:
         if stage not in (1, 2, 3) or world < 1:
             raise FormatError(f"{first.where}: zero_stage={stage}, partition_count={count!r}")
         self.stage, self.world = stage, world
-        self._check_ranks(optim, world, "optimizer partition", "*_optim_states.pt")
+        check_ranks(optim, world, "optimizer partition", "*_optim_states.pt", self._where)
 
-        model = self._rank_files(names, MODEL_RE, "model states (*_model_states.pt)")
+        model = rank_files(names, MODEL_RE, "model states (*_model_states.pt)", self._where)
         if stage == 3:
-            self._check_ranks(
-                model, world, "model states", "zero_pp_rank_*_mp_rank_00_model_states.pt"
+            check_ranks(
+                model,
+                world,
+                "model states",
+                "zero_pp_rank_*_mp_rank_00_model_states.pt",
+                self._where,
             )
         elif set(model) != {0}:
             raise FormatError(
                 f"{self._where}: expected one mp_rank_00_model_states.pt for stage {stage}"
             )
-        states = [_lazy(self.root, self._rel(model[rank])).obj for rank in sorted(model)]
+        states = [open_states(self.root, self._rel(model[rank])).obj for rank in sorted(model)]
         for rank, state in enumerate(states):
             if not isinstance(state, dict) or "param_shapes" not in state:
                 raise FormatError(
@@ -118,7 +122,7 @@ class DeepSpeedReader:
                 f"say partition_count={world}"
             )
         partitions = [first] + [
-            _lazy(self.root, self._rel(optim[rank])) for rank in range(1, world)
+            open_states(self.root, self._rel(optim[rank])) for rank in range(1, world)
         ]
         self._files = [self._rel(optim[r]) for r in range(world)] + [
             self._rel(model[r]) for r in sorted(model)
@@ -131,91 +135,18 @@ class DeepSpeedReader:
             "(as zero_to_fp32 rebuilds them); frozen parameters and buffers keep their stored dtype",
         ]
 
-    def _configured_stage(self, names: list[str]) -> int | None:
-        """The ZeRO stage `ds_config` in mp_rank_00_model_states.pt names (None if it says none)."""
-        model = self._rank_files(names, MODEL_RE, "model states (*_model_states.pt)")
-        state = _lazy(self.root, self._rel(model[min(model)])).obj
-        config = state.get("ds_config") if isinstance(state, dict) else None
-        zero = config.get("zero_optimization") if isinstance(config, dict) else None
-        stage = zero.get("stage", 0) if isinstance(zero, dict) else 0 if config else None
-        return stage if isinstance(stage, int) else None
-
     def _build_stage0(self, names: list[str], why: str) -> None:
-        """No ZeRO (stage 0, bf16/fp16): `module` in mp_rank_00_model_states.pt holds every
-        weight in full, in the 16-bit training dtype."""
-        model = self._rank_files(names, MODEL_RE, "model states (*_model_states.pt)")
-        where = f"{self._where}/{model[min(model)]}"
-        stage = self._configured_stage(names)
-        if set(model) != {0} or stage not in (0, None):
-            raise FormatError(
-                f"{where}: a ZeRO stage {stage} checkpoint ({len(model)} model states files) "
-                f"but {why}: the optimizer partitions that hold its weights are missing; "
-                "use a complete checkpoint"
-            )
-        state = _lazy(self.root, self._rel(model[0])).obj
-        module = state.get("module") if isinstance(state, dict) else None
-        if not isinstance(module, dict) or state.get("param_shapes"):
-            raise FormatError(
-                f"{where}: {why}, and no full `module` state dict without ZeRO param_shapes: "
-                "not a DeepSpeed stage 0 checkpoint ckptflow can read"
-            )
-        self.stage, self.world = 0, int(state.get("dp_world_size") or 1)
-        self._files = [self._rel(model[0])]
+        """No ZeRO (stage 0): every weight in full in `module` (see deepspeed_stage0)."""
+        found = read_stage0(
+            self.root, self._tag_dir, names, where=self._where, tag=self.tag, why=why
+        )
+        self.stage, self.world = 0, found.world
+        self._files = [found.file]
         self._entries = {
-            str(name): _Entry(
-                "module", TensorInfo(str(name), value.dtype, value.shape), None, (value,)
-            )
-            for name, value in module.items()
-            if isinstance(value, LazyTensor)
+            name: _Entry("module", TensorInfo(name, value.dtype, value.shape), None, (value,))
+            for name, value in found.module.items()
         }
-        if not self._entries:
-            raise FormatError(f"{where}: `module` holds no tensors")
-        skipped = sorted(str(n) for n, v in module.items() if not isinstance(v, LazyTensor))
-        self._notes += [
-            f"DeepSpeed without ZeRO (stage 0), tag {self.tag}, data-parallel world size "
-            f"{self.world}, written by deepspeed {state.get('ds_version', '?')}: {why}",
-            "weights are the module's own, in its training dtype, from "
-            f"{model[0]}['module'] (fp32 master copies in the optimizer state are not read)",
-        ] + ([f"ignored non-tensor module entries: {clip(skipped)}"] if skipped else [])
-
-    def _rank_files(self, names: list[str], pattern: Any, what: str) -> dict[int, str]:
-        found: dict[int, str] = {}
-        other_mp = sorted(n for n in names if (m := pattern.match(n)) and int(m.group(2)) != 0)
-        if other_mp:
-            raise FormatError(
-                f"{self._where}: model-parallel files {clip(other_mp)}: tensor/pipeline-parallel "
-                "DeepSpeed checkpoints are not supported (only mp_rank_00, like zero_to_fp32)"
-            )
-        for name in sorted(names, key=natural_key):
-            match = pattern.match(name)
-            if not match:
-                continue
-            rank = int(match.group(1) or 0)
-            if rank in found:
-                raise FormatError(
-                    f"{self._where}: two {what} files for data-parallel rank {rank}: "
-                    f"{found[rank]} and {name}; remove the stale one"
-                )
-            found[rank] = name
-        if not found:
-            raise FormatError(f"{self._where}: no {what} files found")
-        return found
-
-    def _check_ranks(self, files: dict[int, str], world: int, what: str, pattern: str) -> None:
-        extra = sorted(name for rank, name in files.items() if rank >= world)
-        missing = [rank for rank in range(world) if rank not in files]
-        if extra:
-            raise FormatError(
-                f"{self._where}: {len(files)} {what} files but the checkpoint was written by "
-                f"{world} ranks (partition_count); stale extra files: {clip(extra)} "
-                "(left over from an older run with more ranks?): move them away"
-            )
-        if missing:
-            raise FormatError(
-                f"{self._where}: {what} files missing for data-parallel ranks "
-                f"{clip([str(r) for r in missing])} of {world} (expected {pattern}); "
-                "a rank did not finish saving: use a complete checkpoint"
-            )
+        self._notes += found.notes
 
     # -- the plan -----------------------------------------------------------------------------
     def _plan(

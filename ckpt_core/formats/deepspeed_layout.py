@@ -1,4 +1,5 @@
-"""DeepSpeed ZeRO on-disk layout: file names, and where each param lives.
+"""DeepSpeed ZeRO on-disk layout: file names (which rank each file is, how it is opened), and
+where each param lives.
 
 Kept apart from the Format/Reader so the arithmetic (which rank holds which elements of
 which parameter) is plain code over ints, mirroring DeepSpeed's `zero_to_fp32.py`.
@@ -7,12 +8,16 @@ which parameter) is plain code over ints, mirroring DeepSpeed's `zero_to_fp32.py
 from __future__ import annotations
 
 import math
+import posixpath
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ckpt_core.errors import FormatError, clip
+from ckpt_core.formats.torchzip import LazyTorchFile
 from ckpt_core.formats.unpickle import DEEPSPEED
+from ckpt_core.io.storage import Location
 
 __all__ = [
     "DEEPSPEED_GLOBALS",
@@ -20,7 +25,11 @@ __all__ = [
     "OPTIM_RE",
     "ParamPlan",
     "Piece",
+    "check_ranks",
     "natural_key",
+    "open_states",
+    "rank_files",
+    "tag_file",
     "zero2_plans",
     "zero3_plans",
 ]
@@ -36,6 +45,59 @@ MODEL_RE = re.compile(r"^(?:zero_pp_rank_(\d+)_)?mp_rank_(\d+)_model_states\.pt$
 
 def natural_key(text: str) -> list[Any]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def tag_file(tag_dir: str, name: str) -> str:
+    """A file of the tag directory, relative to the reader's root ("" when root is the tag)."""
+    return posixpath.join(tag_dir, name) if tag_dir else name
+
+
+def open_states(root: Location, relative: str) -> LazyTorchFile:
+    """A DeepSpeed `*_states.pt`, replayed with the DEEPSPEED stand-ins beside the tensor ones."""
+    return LazyTorchFile(root, relative, extra_globals=DEEPSPEED)
+
+
+def rank_files(names: list[str], pattern: Any, what: str, where: str) -> dict[int, str]:
+    """Data-parallel rank -> file name of the `pattern` files among `names` (mp_rank_00 only)."""
+    found: dict[int, str] = {}
+    other_mp = sorted(n for n in names if (m := pattern.match(n)) and int(m.group(2)) != 0)
+    if other_mp:
+        raise FormatError(
+            f"{where}: model-parallel files {clip(other_mp)}: tensor/pipeline-parallel "
+            "DeepSpeed checkpoints are not supported (only mp_rank_00, like zero_to_fp32)"
+        )
+    for name in sorted(names, key=natural_key):
+        match = pattern.match(name)
+        if not match:
+            continue
+        rank = int(match.group(1) or 0)
+        if rank in found:
+            raise FormatError(
+                f"{where}: two {what} files for data-parallel rank {rank}: "
+                f"{found[rank]} and {name}; remove the stale one"
+            )
+        found[rank] = name
+    if not found:
+        raise FormatError(f"{where}: no {what} files found")
+    return found
+
+
+def check_ranks(files: dict[int, str], world: int, what: str, pattern: str, where: str) -> None:
+    """Exactly ranks 0..world-1: a missing rank did not finish, an extra one is stale."""
+    extra = sorted(name for rank, name in files.items() if rank >= world)
+    missing = [rank for rank in range(world) if rank not in files]
+    if extra:
+        raise FormatError(
+            f"{where}: {len(files)} {what} files but the checkpoint was written by "
+            f"{world} ranks (partition_count); stale extra files: {clip(extra)} "
+            "(left over from an older run with more ranks?): move them away"
+        )
+    if missing:
+        raise FormatError(
+            f"{where}: {what} files missing for data-parallel ranks "
+            f"{clip([str(r) for r in missing])} of {world} (expected {pattern}); "
+            "a rank did not finish saving: use a complete checkpoint"
+        )
 
 
 # -- where each parameter's elements are ------------------------------------------------------

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ckpt_core.errors import FormatError, KeyMismatchError, clip
-from ckpt_core.formats.dcp import Box, check_cover, fill_from, region
+from ckpt_core.formats.boxes import Box, check_cover, fill_from, region
 from ckpt_core.formats.protocol import OpenOptions, Reader, SourceFacts, TensorInfo, lookup
 from ckpt_core.formats.torchzip import LazyTensor, LazyTorchFile, iter_leaves
 from ckpt_core.formats.unpickle import (

@@ -28,7 +28,8 @@ from ckpt_core.dtypes import flat_buffer
 from ckpt_core.errors import ConfigError, FormatError
 from ckpt_core.families.megatron_gpt import Block, Piece, plan_pieces, shape_from_config
 from ckpt_core.families.model_config import load_config, transformers_config
-from ckpt_core.formats.dcp import METADATA, Box, DcpReader
+from ckpt_core.formats.boxes import Box
+from ckpt_core.formats.dcp import METADATA, DcpReader
 from ckpt_core.formats.protocol import OpenOptions, Reader, SourceFacts, TensorInfo, lookup
 from ckpt_core.formats.torchzip import LazyTensor
 from ckpt_core.io.storage import Location

@@ -10,13 +10,14 @@ CKPTFLOW_LOCK_STALE_SECONDS): a holder killed on another machine blocks the dest
 then.
 
 Losing a lock (a stalled process, a host whose clock is behind) must not let two runs write:
-every change to the lock object is conditional on S3 (created with If-None-Match, refreshed,
-taken over and removed with If-Match on the ETag last seen), so exactly one run takes a stale
-lock over and a holder that lost it learns so at its next heartbeat instead of writing over the
-new owner. The owner id is the fencing token: `check_held` re-reads the lock and raises
-`LockLostError` when it no longer names the caller, and publishing calls it before every write
-batch, before publishing and before any cleanup (`pipeline.publish`). Stores without
-conditional writes (memory://) compare and write in two steps.
+every change to the lock object (lock_object.py) is conditional on S3 (created with
+If-None-Match, refreshed, taken over and removed with If-Match on the ETag last seen), so
+exactly one run takes a stale lock over and a holder that lost it learns so at its next
+heartbeat instead of writing over the new owner. The owner id is the fencing token: `check_held`
+re-reads the lock and raises `LockLostError` when it no longer names the caller, and publishing
+calls it before every write batch, before publishing and before any cleanup
+(`pipeline.publish`). Stores without conditional writes (memory://) compare and write in two
+steps.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import posixpath
@@ -36,7 +36,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ckpt_core.errors import LockLostError, PublishError
-from ckpt_core.io import retry
+from ckpt_core.io.lock_object import MAX_LOCK_BYTES, Conflict, LockObject, parse_owner
 from ckpt_core.io.storage import Location
 
 __all__ = [
@@ -52,7 +52,6 @@ __all__ = [
 
 LOCK_SUFFIX = ".ckptflow-lock"
 POLL_SECONDS = 0.2
-_MAX_LOCK_BYTES = 64 * 1024  # an owner record is ~150 bytes
 _LOST: set[str] = set()  # owner ids this process learned it no longer holds
 _UNLOCKED: set[str] = set()  # owner ids of steps driven by hand, without a lock (`unlocked`)
 
@@ -146,7 +145,7 @@ def check_held(dst: Location, owner: str) -> None:
 
 def _current_owner(parent: Location, name: str) -> dict[str, Any] | None:
     if parent.is_local:
-        return _parse(_read_local(parent.file(name)))
+        return parse_owner(_read_local(parent.file(name)))
     return _read_owner(parent, name)
 
 
@@ -157,7 +156,7 @@ def _read_local(path: str) -> bytes:
     except OSError:
         return b""
     try:
-        return os.read(fd, _MAX_LOCK_BYTES)
+        return os.read(fd, MAX_LOCK_BYTES)
     except OSError:
         return b""
     finally:
@@ -228,17 +227,9 @@ def _planted(path: str, what: str) -> PublishError:
     )
 
 
-def _parse(data: bytes) -> dict[str, Any] | None:
-    try:
-        parsed = json.loads(data or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    return parsed if isinstance(parsed, dict) else None
-
-
 def _read_owner(parent: Location, name: str) -> dict[str, Any] | None:
     try:
-        return _parse(parent.read_bytes(name))
+        return parse_owner(parent.read_bytes(name))
     except FileNotFoundError:
         return None
 
@@ -256,111 +247,12 @@ def _is_stale(owner: dict[str, Any] | None, stale_seconds: float) -> bool:
     return time.time() - float(owner.get("heartbeat", 0)) > stale_seconds
 
 
-class _Conflict(Exception):
-    """A conditional write or delete found the lock changed since we last saw it."""
-
-
-class _LockObject:
-    """The lock object and the version of it last seen: the ETag on S3 (every change is
-    conditional on it), elsewhere a hash of its bytes (compared, then written: two steps)."""
-
-    def __init__(self, parent: Location, name: str) -> None:
-        self.parent, self.name = parent, name
-        self.where = parent.file(name)
-        self.s3 = hasattr(parent.fs, "_call_s3")
-
-    def read(self) -> tuple[dict[str, Any] | None, str]:
-        """The owner record and its version; FileNotFoundError when there is no lock."""
-        if not self.s3:
-            data = self.parent.read_bytes(self.name)
-            return _parse(data), hashlib.sha256(data).hexdigest()
-        from fsspec.asyn import sync
-
-        fs = self.parent.fs
-        bucket, key, _ = fs.split_path(self.where)
-
-        async def get() -> tuple[bytes, str]:
-            response = await fs._call_s3("get_object", Bucket=bucket, Key=key)
-            async with response["Body"] as body:
-                return bytes(await body.read(_MAX_LOCK_BYTES)), str(response["ETag"])
-
-        data, etag = retry.call(self.where, lambda: sync(fs.loop, get))
-        return _parse(data), etag
-
-    def create(self, record: dict[str, Any]) -> str:
-        """FileExistsError when a lock is there."""
-        return self._put(record, {"IfNoneMatch": "*"}, None)
-
-    def replace(self, record: dict[str, Any], version: str) -> str:
-        """Write over the version we saw, or `_Conflict` when it changed (or is gone)."""
-        return self._put(record, {"IfMatch": version}, version)
-
-    def _put(self, record: dict[str, Any], condition: dict[str, str], seen: str | None) -> str:
-        data = json.dumps(record).encode()
-        if not self.s3:
-            if seen is None:
-                self.parent.put_bytes(self.name, data, create_only=True)
-            else:
-                self._same_or_conflict(seen)
-                self.parent.put_bytes(self.name, data)
-            return hashlib.sha256(data).hexdigest()
-        fs = self.parent.fs
-        bucket, key, _ = fs.split_path(self.where)
-        try:
-            response = retry.call(
-                self.where,
-                lambda: fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **condition),
-            )
-        except OSError as e:
-            if seen is None or isinstance(e, FileExistsError) or not _precondition_failed(e):
-                raise  # a create's FileExistsError: someone holds it; anything else: as it is
-            raise _Conflict from e
-        return str(response["ETag"])
-
-    def remove(self, version: str) -> None:
-        """Delete the lock if it is still the version we saw; leave anyone else's."""
-        if not self.s3:
-            with contextlib.suppress(_Conflict, FileNotFoundError):
-                self._same_or_conflict(version)
-                self.parent.remove(self.name)
-            return
-        fs = self.parent.fs
-        bucket, key, _ = fs.split_path(self.where)
-        with contextlib.suppress(_Conflict, FileNotFoundError):
-            try:
-                retry.call(
-                    self.where,
-                    lambda: fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=version),
-                )
-            except OSError as e:
-                if not _precondition_failed(e):
-                    raise
-                raise _Conflict from e
-
-    def _same_or_conflict(self, version: str) -> None:
-        try:
-            if self.read()[1] != version:
-                raise _Conflict
-        except FileNotFoundError as e:
-            raise _Conflict from e
-
-
-def _precondition_failed(error: BaseException) -> bool:
-    """s3fs turns a failed If-Match into OSError(EINVAL) (a missing key into FileNotFoundError);
-    botocore's response, kept as the cause, says which."""
-    if isinstance(error, FileNotFoundError):
-        return True
-    response = getattr(error.__cause__, "response", None) or {}
-    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    return bool(response.get("Error", {}).get("Code") == "PreconditionFailed" or status == 412)
-
-
 @contextlib.contextmanager
 def _object_lock(
     dst: Location, wait_seconds: float, stale_seconds: float, owner_id: str
 ) -> Iterator[None]:
     parent, name = lock_parent(dst)
-    lock = _LockObject(parent, name)
+    lock = LockObject(parent, name)
     owner = _owner(owner_id)
     deadline = time.monotonic() + wait_seconds
     while True:
@@ -377,7 +269,7 @@ def _object_lock(
             try:
                 version = lock.replace(owner, seen)  # one taker wins; a fresh beat beats us
                 break
-            except _Conflict:
+            except Conflict:
                 continue
         if time.monotonic() >= deadline:
             raise _busy(dst, held, name) from None
@@ -398,7 +290,7 @@ def _object_lock(
 
 
 def _heartbeat(
-    lock: _LockObject,
+    lock: LockObject,
     owner: dict[str, Any],
     state: dict[str, str],
     stop: threading.Event,
@@ -408,7 +300,7 @@ def _heartbeat(
         owner["heartbeat"] = time.time()
         try:
             state["version"] = lock.replace(owner, state["version"])
-        except _Conflict:
+        except Conflict:
             # Taken over by a run that judged us stale: every later check_held refuses.
             _LOST.add(str(owner["owner"]))
             return

@@ -17,6 +17,7 @@ from ckpt_core.pipeline.writer import FileRecord, HashingWriter
 __all__ = [
     "ASSET_FILES",
     "AssetSource",
+    "allowed_root",
     "check_asset",
     "copy_asset",
     "find_assets",
@@ -105,7 +106,7 @@ def check_asset(directory: Location, name: str) -> None:
     path = Path(directory.file(name))
     if not path.is_symlink():
         return
-    allowed = _allowed_root(Path(os.path.realpath(directory.path)))
+    allowed = allowed_root(Path(os.path.realpath(directory.path)))
     target = Path(os.path.realpath(path))
     if not target.is_relative_to(allowed):
         raise FormatError(
@@ -115,8 +116,9 @@ def check_asset(directory: Location, name: str) -> None:
         )
 
 
-def _allowed_root(directory: Path) -> Path:
-    """The nearest enclosing hub-cache repo (`models--org--name`), else the directory itself."""
+def allowed_root(directory: Path) -> Path:
+    """Where a link in `directory` may lead (assets and weight files alike): the nearest
+    enclosing hub-cache repo (`models--org--name`), else the directory itself."""
     for parent in (directory, *directory.parents):
         if parent.name.startswith("models--"):
             return parent
