@@ -49,6 +49,10 @@ def add_parsers(subparsers: Any) -> None:
         help="also compare logits on a fixed input with REF's (loads both models: small models)",
     )  # fmt: skip
     verify.add_argument(
+        "--device", default="cpu", choices=["cpu", "cuda", "auto"],
+        help="--against: where REF's rank pieces are merged and cast, as convert --device",
+    )  # fmt: skip
+    verify.add_argument(
         "--s3-endpoint", metavar="URL", help="S3-compatible endpoint (else AWS_ENDPOINT_URL)"
     )
     verify.set_defaults(handler=run_verify)
@@ -98,6 +102,7 @@ def run_verify(args: argparse.Namespace) -> int:
         tolerance=Tolerance(args.atol, args.rtol),
         logits=args.logits,
         against_format=args.format,
+        device=args.device,
     )
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))

@@ -350,6 +350,31 @@ def test_deepspeed_convert_is_byte_identical(
     _same_as_host(ckpt(deepspeed_cases, case), tmp_path, monkeypatch, where)
 
 
+@pytest.mark.parametrize("where", PLACES)
+def test_verify_against_merges_the_reference_on_the_device(
+    where: str, fsdp_fixtures: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`verify --against REF --device`: REF's pieces go through the device path; the verdict is
+    the host path's, for a right output and for one with a flipped value."""
+    from ckpt_core.proof.verify_dir import verify_dir
+
+    src, base = str(fsdp_fixtures / "dcp"), str(fsdp_fixtures / "base")
+    out = tmp_path / "out"
+    convert(src, str(out), ConvertOptions(dtype="fp32", base=base))
+    seen = _Seen(monkeypatch)
+    flag = _on_device(where, monkeypatch)
+    assert verify_dir(str(out), against=src, base=base, device=flag).ok
+    assert seen.names
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(out / "model.safetensors")
+    name = sorted(tensors)[0]
+    tensors[name].view(-1)[0] += 1
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    report = verify_dir(str(out), against=src, base=base, device=flag)
+    assert not report.ok and name in report.text()
+
+
 def _same_as_host(
     src: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str, base: str | None = None
 ) -> None:

@@ -14,6 +14,8 @@ import torch
 from ckpt_core.dtypes import itemsize, output_dtype, to_safetensors
 from ckpt_core.errors import FormatError
 from ckpt_core.formats.protocol import Reader, TensorInfo
+from ckpt_core.pipeline.conversion import Device
+from ckpt_core.pipeline.device import ChunkSource, chunk_source
 from ckpt_core.pipeline.stream import CHUNK_BYTES, ChunkBuffers, prefetch, source_chunks
 from ckpt_core.pipeline.verify import same_bytes
 from ckpt_core.proof.report import Failure, TensorDiff
@@ -59,10 +61,12 @@ def compare_tensors(
     tied: Mapping[str, str],
     files_of: Mapping[str, str],
     unreadable: Collection[str] = (),
+    device: Device = "cpu",
 ) -> Comparison:
     """`tied`: the model's tied names left out on save -> the name kept (hf_layout); a
     reference holding both has its copy compared with the output's kept tensor. `unreadable`:
-    the output's indexed tensors in a broken file (reported by the index check)."""
+    the output's indexed tensors in a broken file (reported by the index check). `device`:
+    where the reference's rank pieces are merged and cast (`verify --device`), as `convert`."""
     out_index, ref_index = out.index(), ref.index()
     failures: list[Failure] = []
     pairs: list[tuple[str, str]] = []  # (output name, reference name)
@@ -97,7 +101,8 @@ def compare_tensors(
             )
             failures.append(Failure("against", file, out_name, dtypes))
         comparable.append((out_name, ref_name))
-    for out_name, ref_name, diff in _values(out, ref, comparable, tolerance):
+    reference_chunks = chunk_source(device)  # spans as source_chunks' on the wider dtype
+    for out_name, ref_name, diff in _values(out, ref, comparable, tolerance, reference_chunks):
         diffs.append(diff)
         if not diff.ok:
             how = (
@@ -114,12 +119,16 @@ def compare_tensors(
 
 
 def _values(
-    out: Reader, ref: Reader, pairs: list[tuple[str, str]], tolerance: Tolerance
+    out: Reader,
+    ref: Reader,
+    pairs: list[tuple[str, str]],
+    tolerance: Tolerance,
+    reference_chunks: ChunkSource,
 ) -> Iterator[tuple[str, str, TensorDiff]]:
     """Both streams chunk by chunk, produced one step ahead on a thread (see stream.prefetch);
     the reference cast to the output tensor's dtype, spans equal on both sides."""
     out_index, ref_index = out.index(), ref.index()
-    out_buffers, ref_buffers = ChunkBuffers(), ChunkBuffers()
+    out_buffers = ChunkBuffers()
 
     def produced() -> Iterator[tuple[str, str, torch.Tensor, torch.Tensor]]:
         for out_name, ref_name in pairs:
@@ -127,7 +136,7 @@ def _values(
             widest = max(itemsize(o.dtype), itemsize(r.dtype))
             step = max(1, CHUNK_BYTES // widest)  # elements per chunk, the same on both sides
             ours = source_chunks(out, o, o.dtype, step * itemsize(o.dtype), out_buffers)
-            theirs = source_chunks(ref, r, o.dtype, step * widest, ref_buffers)
+            theirs = reference_chunks(ref, r, o.dtype)  # step elements a chunk, as ours
             for a, b in zip(ours, theirs, strict=True):
                 yield out_name, ref_name, a, b
 

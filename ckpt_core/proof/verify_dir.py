@@ -15,7 +15,7 @@ from typing import Any
 from ckpt_core.errors import CkptError, FormatError
 from ckpt_core.families.model_config import CONFIG, read_config
 from ckpt_core.io.storage import Location
-from ckpt_core.pipeline.conversion import options_from
+from ckpt_core.pipeline.conversion import Device, options_from
 from ckpt_core.pipeline.manifest import MANIFEST
 from ckpt_core.pipeline.source import open_source
 from ckpt_core.pipeline.stream import release_freed_memory
@@ -36,6 +36,7 @@ def verify_dir(
     tolerance: Tolerance | None = None,
     logits: bool = False,
     against_format: str | None = None,
+    device: Device = "cpu",
 ) -> ProofReport:
     """Run every check that applies; a check that cannot run says why. `base`: the config to
     check OUT's keys against when OUT has none, and for reading REF (its prefixes, layout)."""
@@ -78,7 +79,9 @@ def verify_dir(
     if against is None:
         report.skip("against", "no --against REF")
     elif out is not None:
-        _against(report, out_url, files, against, base, tolerance, layout, against_format)
+        _against(
+            report, out_url, files, against, base, tolerance, layout, against_format, device=device
+        )
     if logits:
         _logits(report, out_url, against, base, config, config_at, layout, tolerance, files)
     return report
@@ -119,6 +122,8 @@ def _against(
     tolerance: Tolerance,
     layout: Any,
     against_format: str | None,
+    *,
+    device: Device,
 ) -> None:
     try:
         ref, source = open_reference(against, out_url, base, against_format)
@@ -135,6 +140,7 @@ def _against(
         tied=tied,
         files_of=files.files_of,
         unreadable=files.unreadable,
+        device=device,
     )
     report.diffs = result.diffs
     worst = max((d.max_abs_diff for d in result.diffs), default=0.0)
