@@ -11,8 +11,10 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 from ckpt_core.errors import UsageError
+from ckptflow.deploy_notify import AUTOMATION, check_target, ensure_automation, notification_block
 
 PREFECT_FILE = Path(__file__).resolve().parent.parent / "deployments" / "prefect.yaml"
 WATCH_PATHS = ("root", "out_root")
@@ -37,12 +39,24 @@ def add_parsers(subparsers: Any) -> None:
         help="the pool's runs take AWS_* storage settings from this Prefect Secret block "
         "(a JSON object of AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...), resolved on the worker",
     )
+    deploy.add_argument(
+        "--notify-webhook",
+        metavar="URL",
+        help="a failed, crashed or timed-out run of these deployments POSTs a JSON message "
+        f"(text, subject, body) to URL (Prefect automation and block {AUTOMATION})",
+    )
+    deploy.add_argument(
+        "--notify-block",
+        metavar="TYPE/NAME",
+        help="the same through an existing Prefect notification block, e.g. slack-webhook/ops",
+    )
     deploy.set_defaults(handler=run_deploy)
 
 
 def run_deploy(args: argparse.Namespace) -> int:
     import yaml
 
+    check_target(webhook=args.notify_webhook, block=args.notify_block)
     spec = load_spec(Path(args.prefect_file))
     apply_overrides(spec, pool=args.pool, root=args.root, out_root=args.out_root)
     api_url = server_url()
@@ -50,6 +64,9 @@ def run_deploy(args: argparse.Namespace) -> int:
         for deployment in scheduled(spec):
             deployment["schedules"] = [{"interval": args.interval}]
     pool = args.pool or spec["definitions"]["work_pool"]["name"]
+    # The notification block first: a wrong --notify-block is refused before anything is stored.
+    target = args.notify_webhook or args.notify_block
+    block_id = notification_block(webhook=args.notify_webhook, block=args.notify_block)
     ensure_pool(pool, s3_secret=args.s3_secret)
     with tempfile.TemporaryDirectory(prefix="ckptflow-deploy-") as tmp:
         prefect_file = Path(tmp) / "prefect.yaml"
@@ -63,9 +80,42 @@ def run_deploy(args: argparse.Namespace) -> int:
     if done.returncode != 0:
         raise UsageError(f"`prefect deploy` on {args.prefect_file} failed (its output is above)")
     names = ", ".join(d["name"] for d in spec["deployments"])
+    if block_id:
+        print(notify(spec, pool, block_id, target, api_url))
     print(f"deployed {names} to {api_url}; start a worker on each host that runs them:")
     print(f"  PREFECT_API_URL={api_url} prefect worker start --pool {pool}")
     return 0
+
+
+def notify(spec: dict[str, Any], pool: str, block_id: UUID, target: str, api_url: str) -> str:
+    """The failed-run automation over the deployments just made (found by name in the pool)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterName,
+        WorkPoolFilter,
+        WorkPoolFilterName,
+    )
+
+    names = [d["name"] for d in spec["deployments"]]
+    with get_client(sync_client=True) as client:
+        made = client.read_deployments(
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=names)),
+            work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[pool])),
+        )
+        missing = set(names) - {d.name for d in made}
+        if missing:
+            raise UsageError(
+                f"deployments {', '.join(sorted(missing))} not found in pool {pool} after "
+                "`prefect deploy`: no failed-run automation made; run ckptflow deploy again"
+            )
+        return ensure_automation(
+            client,
+            block_id=block_id,
+            target=target,
+            deployment_ids=[d.id for d in made],
+            server_url=api_url,
+        )
 
 
 def server_url() -> str:

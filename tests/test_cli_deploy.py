@@ -1,5 +1,6 @@
 """`ckptflow deploy` refuses, in one line and before storing anything, what would give
-deployments that cannot run: this site's paths on another machine, no server to deploy to.
+deployments that cannot run: this site's paths on another machine, no server to deploy to, a
+failed-run notification target that cannot work.
 (The deployments it makes are run for real in tests/test_prefect_server.py.)"""
 
 from __future__ import annotations
@@ -37,3 +38,25 @@ def test_no_server_is_refused_naming_prefect_api_url(tmp_path: Path) -> None:
     assert done.returncode == 2, done.stderr
     assert "PREFECT_API_URL" in done.stderr and "prefect server start" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--notify-webhook", "hooks.example.com/x"], "not an http(s) URL"),
+        (["--notify-webhook", "file:///etc/passwd"], "not an http(s) URL"),
+        (["--notify-block", "ops"], "name the block as TYPE/NAME"),
+        (
+            ["--notify-webhook", "https://h.example/x", "--notify-block", "slack-webhook/ops"],
+            "not both",
+        ),
+    ],
+)
+def test_a_bad_notification_target_is_refused_before_the_server_is_asked(
+    tmp_path: Path, flags: list[str], expected: str
+) -> None:
+    paths = ["--root", str(tmp_path), "--out-root", str(tmp_path / "hf")]
+    done = deploy(tmp_path, *paths, *flags)  # no server: its refusal would name PREFECT_API_URL
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0] and flags[0] in lines[0], done.stderr

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 import uuid
@@ -20,20 +21,24 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers.prefect_server import BIN, OutageProxy, PrefectStack
+from tests.helpers.prefect_server import BIN, OutageProxy, PrefectStack, Webhook
 from tests.s3server import CREDENTIALS, MotoServer
 
 pytestmark = pytest.mark.server
 CHROMIUM = "/usr/bin/chromium"
 SECRET = "ckptflow-s3"
 SECRET_VALUE = f"never-stored-{uuid.uuid4().hex}"
+NOTIFY = "ckptflow-failed-runs"  # the automation and webhook block `--notify-webhook` makes
 # The worker's own IO retries end fast, so that an outage reaches Prefect's task retries.
 WORKER_ENV = {"CKPTFLOW_IO_RETRIES": "2", "CKPTFLOW_IO_RETRY_BASE_SECONDS": "0.1"}
 
 
 class Site:
-    def __init__(self, stack: PrefectStack, root: Path, proxy: OutageProxy, bucket: str) -> None:
+    def __init__(
+        self, stack: PrefectStack, root: Path, proxy: OutageProxy, bucket: str, webhook: Webhook
+    ) -> None:
         self.stack, self.root, self.proxy, self.bucket = stack, root, proxy, bucket
+        self.webhook = webhook
         self.ids = {
             name: stack.deployment(flow, name)["id"]
             for flow, name in (("convert", "manual"), ("watch", "hourly"))
@@ -55,10 +60,12 @@ def site(
     bucket = f"b-{uuid.uuid4().hex[:12]}"
     upload(moto_server.endpoint, bucket, tiny_hf_dir)
     stack = PrefectStack(root)
+    webhook = Webhook()
     try:
         stack.start_server()
         # The README's commands: the storage settings as a Secret block, then `ckptflow deploy`
-        # (here with a 10 s watch interval instead of hourly), then a worker.
+        # (here with a 10 s watch interval instead of hourly, and failed runs notifying a
+        # loopback webhook), then a worker.
         settings = {
             "AWS_ENDPOINT_URL": proxy.endpoint,
             "AWS_ACCESS_KEY_ID": CREDENTIALS["AWS_ACCESS_KEY_ID"],
@@ -75,9 +82,11 @@ def site(
         )
         deploy = [str(BIN / "ckptflow"), "deploy", "--s3-secret", SECRET, "--interval", "10"]
         paths = ["--root", str(root / "runs"), "--out-root", str(root / "hf")]
-        stack.command([*deploy, *paths])
+        stack.command([*deploy, *paths, "--notify-webhook", webhook.url])
+        # Again, through the block the first one saved: still one automation, one block.
+        stack.command([*deploy, *paths, "--notify-block", f"custom-webhook/{NOTIFY}"])
         stack.start_worker("ckptflow", **WORKER_ENV)
-        site = Site(stack, root, proxy, bucket)
+        site = Site(stack, root, proxy, bucket, webhook)
         # A manual run with the UI form's parameters, started now: it runs beside the schedule's.
         site.manual_id = stack.run_deployment(
             site.ids["manual"],
@@ -93,6 +102,7 @@ def site(
     finally:
         stack.stop()
         proxy.close()
+        webhook.close()
 
 
 @pytest.fixture(autouse=True)
@@ -142,6 +152,50 @@ def test_the_scheduler_creates_watch_runs_and_one_converts_the_new_checkpoint(si
     assert set(converted) <= set(source)
     for name, tensor in converted.items():  # the deployment's dtype: bf16
         assert torch.equal(tensor, source[name].to(torch.bfloat16)), name
+
+
+def test_a_failed_watch_run_notifies_the_webhook_once_per_deploy(
+    site: Site, manual_run: dict[str, Any]
+) -> None:
+    stack = site.stack
+    run = stack.run_deployment(site.ids["hourly"], root=str(site.root / "no-such-runs"))
+    final = stack.wait(run["id"], 90)
+    assert final["state_type"] == "FAILED", stack.run_logs(run["id"])
+    body = site.webhook.wait_for(run["id"], 60)  # the link names the run's id
+    assert body, f"no notification for run {run['id']}; received {site.webhook.received}"
+    text = body["text"]
+    assert final["name"] in text and "watch/hourly" in text and "Failed" in text, text
+    assert "no-such-runs" in text, text  # the state message: the missing root
+    assert f"{stack.url}/runs/flow-run/{run['id']}" in text, text
+    assert [b for b in site.webhook.received if run["id"] in json.dumps(b)] == [body]
+    assert manual_run["state_type"] == "COMPLETED"
+    assert manual_run["id"] not in json.dumps(site.webhook.received), "a completed run notified"
+    automations = stack.post("automations/filter", {"automations": {"name": {"any_": [NOTIFY]}}})
+    assert len(automations) == 1, automations  # deployed twice, updated in place
+    related = automations[0]["trigger"]["match_related"]["prefect.resource.id"]
+    assert len(related) == 3, related  # manual, hourly, vlm
+    assert all(f"prefect.deployment.{i}" in related for i in site.ids.values()), related
+
+
+def test_a_block_that_cannot_notify_is_refused_before_anything_is_deployed(site: Site) -> None:
+    before = site.stack.deployment("watch", "hourly")["updated"]
+    paths = ["--root", str(site.root / "runs"), "--out-root", str(site.root / "hf")]
+    done = subprocess.run(
+        [str(BIN / "ckptflow"), "deploy", *paths, "--notify-block", f"secret/{SECRET}"],
+        env=site.stack.env,
+        cwd=site.stack.home,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"ckptflow: error: --notify-block secret/{SECRET}: a secret block cannot send "
+        "notifications; name a notification block (slack-webhook/..., custom-webhook/..., "
+        "email/...)"
+    ]
+    assert site.stack.deployment("watch", "hourly")["updated"] == before
 
 
 def test_a_manual_run_with_parameters_completes_with_readable_artifacts(
