@@ -31,6 +31,15 @@ print("__MEASURE__" + json.dumps({{"wall_s": _wall, "baseline_rss": _base * 1024
 """
 
 
+def rss_bytes(field: str = "VmRSS:") -> int:
+    """This process's resident set (or, with "VmHWM:", its own peak) from /proc, in bytes."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def settle() -> None:
     """Flush what earlier runs left dirty in the page cache, untimed, before each variant:
     otherwise the kernel throttles a variant's writes while it writes back the previous

@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from _measure import Figure, ratios, settle, table
+from _measure import Figure, ratios, rss_bytes, settle, table
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -86,13 +86,6 @@ def checkpoint() -> Path:
     return root
 
 
-def _rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 def stream_to_safetensors(src: str, path: str) -> None:
     """Header first (from the index), then each tensor's bytes in order: one tensor in memory."""
     import struct
@@ -134,7 +127,7 @@ def variant(name: str, src: str, dst: str, base: str) -> None:
         from ckpt_core.formats.registry import open_reader  # noqa: F401 (imported before the baseline)
     else:
         from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-    baseline = _rss_bytes()
+    baseline = rss_bytes()
     start = time.perf_counter()
     if name == "ckptflow":
         convert(src, dst, ConvertOptions(dtype="fp32", base=base))

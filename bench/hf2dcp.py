@@ -29,7 +29,7 @@ import time
 import warnings
 from pathlib import Path
 
-from _measure import Figure, settle, table
+from _measure import Figure, rss_bytes, settle, table
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -63,13 +63,6 @@ def inputs() -> Path:
     return root
 
 
-def _rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 def variant(name: str, root: str, dst: str) -> None:
     """One measured run in this (fresh) process; prints a JSON line."""
     from safetensors.torch import load_file
@@ -80,7 +73,7 @@ def variant(name: str, root: str, dst: str) -> None:
     from ckpt_core.pipeline.convert import convert
 
     warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
-    baseline = _rss_bytes()
+    baseline = rss_bytes()
     start = time.perf_counter()
     if name == "ckptflow":
         convert(f"{root}/hf", dst, options_from(to="dcp", dcp_key="model"))

@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from _measure import Figure, ratios, settle, table
+from _measure import Figure, ratios, rss_bytes, settle, table
 from dcp import CONFIG  # the same Qwen2 shape, ~251M parameters
 
 HERE = Path(__file__).resolve().parent
@@ -74,13 +74,6 @@ def inputs() -> Path:
     return root
 
 
-def _rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 def variant(name: str, adapter: str, dst: str, base: str) -> None:
     """One measured run in this (fresh) process; prints a JSON line."""
     import torch
@@ -90,7 +83,7 @@ def variant(name: str, adapter: str, dst: str, base: str) -> None:
     else:
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
-    baseline = _rss_bytes()
+    baseline = rss_bytes()
     start = time.perf_counter()
     if name == "ckptflow":
         convert(adapter, dst, ConvertOptions(dtype="fp32", base=base))
