@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Literal
 
 import pytest
 import torch
@@ -198,6 +199,34 @@ def test_a_corrupted_shard_fails_verification_and_publishes_nothing(
     with pytest.raises(VerifyError, match="nothing was published"):
         core.publish(plan, files, result)
     assert not out.exists() and not work.exists()
+
+
+@pytest.mark.parametrize("to", ["dcp", "pth"])
+def test_a_corrupted_training_format_output_fails_verification(
+    tiny_hf_dir: Path, tmp_path: Path, to: Literal["dcp", "pth"]
+) -> None:
+    """The read-back verification of `--to dcp|pth`: one flipped byte inside a tensor's stored
+    values (found by its bytes in the written file) is caught and nothing is published."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "out"
+    options = ConvertOptions(dtype="fp32", to=to, stage="pretrain" if to == "pth" else None)
+    plan = core.plan_conversion(str(tiny_hf_dir), str(out), options)
+    work = Path(core.start(plan))
+    files = [core.write_shard(plan, i) for i in range(len(plan.shards))]
+    name = "model.norm.weight"
+    values = load_file(tiny_hf_dir / "model.safetensors")[name].numpy().tobytes()
+    written = [p for p in work.rglob("*") if p.is_file() and values in p.read_bytes()]
+    assert len(written) == 1, "the tensor's bytes are stored once, uncompressed"
+    data = bytearray(written[0].read_bytes())
+    data[data.find(values) + len(values) // 2] ^= 0xFF
+    written[0].write_bytes(bytes(data))
+    checks = [core.verify_one(plan, i) for i in range(len(plan.shards))]
+    result = core.report(plan, checks, 0)
+    assert not result.ok and name in result.mismatches
+    with pytest.raises(VerifyError, match="nothing was published"):
+        core.publish(plan, files, result)
+    assert not out.exists()
 
 
 def test_memory_urls_end_to_end(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -106,10 +106,14 @@ class Report(Tally):
         return "\n".join(f"  {r['item']:<{width}}  {r['value']}" for r in self.rows())
 
 
+Expected = Callable[[str], Iterator[torch.Tensor]]
+ReadBack = Callable[[str, int, int, torch.Tensor], torch.Tensor]  # name, start, count, buffer
+
+
 def verify_shard(
     root: Location,
     shard: ShardSpec,
-    expected: Callable[[str], Iterator[torch.Tensor]],
+    expected: Expected,
     on_bytes: Callable[[int], None] | None = None,
 ) -> ShardCheck:
     """Compare a written shard, chunk by chunk, with `expected(name)`: the source tensor's flat
@@ -119,32 +123,15 @@ def verify_shard(
         raise FormatError(f"{root.file(shard.filename)}: holds other tensors than planned")
     if header.metadata.get("format") != "pt":
         raise FormatError(f"{root.file(shard.filename)}: __metadata__.format is not 'pt'")
+    entries = header.entries
 
-    def produced() -> Iterator[tuple[str, torch.Tensor]]:
-        for name in shard.tensors:
-            for chunk in expected(name):
-                yield name, chunk
+    def read_back(name: str, start: int, count: int, buffer: torch.Tensor) -> torch.Tensor:
+        return read_elements(root, shard.filename, entries[name], start, count, buffer)
 
-    differs: set[str] = set()
-    position = dict.fromkeys(shard.tensors, 0)
-    written_buffer = ChunkBuffers(slots=1)  # this loop is done with a chunk before the next
-    for name, source in prefetch(produced()):
-        entry = header.entries[name]
-        start, count = position[name], source.numel()
-        position[name] += count
-        if source.dtype != entry.dtype or position[name] > math.prod(entry.shape):
-            differs.add(name)
-            continue
-        written = read_elements(
-            root, shard.filename, entry, start, count, written_buffer.take(count, entry.dtype)
-        )
-        if not same_bytes(written, source):
-            differs.add(name)
-        if on_bytes:
-            on_bytes(count * source.element_size())
-    differs.update(n for n in shard.tensors if position[n] != math.prod(header.entries[n].shape))
-    dtypes = Counter(to_safetensors(header.entries[n].dtype) for n in shard.tensors)
-    total = sum(e.end - e.begin for e in header.entries.values())
+    written = {n: (e.dtype, math.prod(e.shape)) for n, e in entries.items()}
+    differs = _differing(shard, expected, written, read_back, on_bytes)
+    dtypes = Counter(to_safetensors(entries[n].dtype) for n in shard.tensors)
+    total = sum(e.end - e.begin for e in entries.values())
     mismatches = tuple(n for n in shard.tensors if n in differs)
     return ShardCheck(len(shard.tensors), total, dict(dtypes), mismatches, shard.filename)
 
@@ -152,7 +139,7 @@ def verify_shard(
 def verify_read_back(
     written: Reader,
     shard: ShardSpec,
-    expected: Callable[[str], Iterator[torch.Tensor]],
+    expected: Expected,
     on_bytes: Callable[[int], None] | None = None,
 ) -> ShardCheck:
     """`verify_shard` for an output that ckptflow's own reader of its format re-reads (a DCP
@@ -165,6 +152,33 @@ def verify_read_back(
             f"{written.root.file(shard.filename)}: holds other tensors than planned "
             f"(unplanned: {extra[:5]}, lacking: {lacking[:5]})"
         )
+    whole: tuple[str, torch.Tensor] | None = None  # a reader without ranged reads: one tensor
+
+    def read_back(name: str, start: int, count: int, buffer: torch.Tensor) -> torch.Tensor:
+        nonlocal whole
+        if isinstance(written, RangeReader):
+            return written.read_range(name, start, count, buffer)
+        if whole is None or whole[0] != name:
+            whole = (name, written.read(name).reshape(-1))
+        return whole[1][start : start + count]
+
+    sizes = {n: (info.dtype, info.numel) for n, info in index.items()}
+    differs = _differing(shard, expected, sizes, read_back, on_bytes)
+    dtypes = Counter(to_safetensors(index[n].dtype) for n in shard.tensors)
+    total = sum(index[n].nbytes for n in shard.tensors)
+    mismatches = tuple(n for n in shard.tensors if n in differs)
+    return ShardCheck(len(shard.tensors), total, dict(dtypes), mismatches, shard.filename)
+
+
+def _differing(
+    shard: ShardSpec,
+    expected: Expected,
+    written: Mapping[str, tuple[torch.dtype, int]],
+    read_back: ReadBack,
+    on_bytes: Callable[[int], None] | None,
+) -> set[str]:
+    """The shard's names whose written dtype, length or bytes (`written`: dtype and element
+    count as written; `read_back`: a span of them) differ from `expected(name)`'s chunks."""
 
     def produced() -> Iterator[tuple[str, torch.Tensor]]:
         for name in shard.tensors:
@@ -173,30 +187,20 @@ def verify_read_back(
 
     differs: set[str] = set()
     position = dict.fromkeys(shard.tensors, 0)
-    whole: tuple[str, torch.Tensor] | None = None  # a reader without ranged reads: one tensor
-    written_buffer = ChunkBuffers(slots=1)  # this loop is done with a chunk before the next
+    buffer = ChunkBuffers(slots=1)  # this loop is done with a chunk before the next
     for name, source in prefetch(produced()):
-        info = index[name]
+        dtype, numel = written[name]
         start, count = position[name], source.numel()
         position[name] += count
-        if source.dtype != info.dtype or position[name] > info.numel:
+        if source.dtype != dtype or position[name] > numel:
             differs.add(name)
             continue
-        if isinstance(written, RangeReader):
-            back = written.read_range(name, start, count, written_buffer.take(count, info.dtype))
-        else:
-            if whole is None or whole[0] != name:
-                whole = (name, written.read(name).reshape(-1))
-            back = whole[1][start : start + count]
-        if not same_bytes(back, source):
+        if not same_bytes(read_back(name, start, count, buffer.take(count, dtype)), source):
             differs.add(name)
         if on_bytes:
             on_bytes(count * source.element_size())
-    differs.update(n for n in shard.tensors if position[n] != index[n].numel)
-    dtypes = Counter(to_safetensors(index[n].dtype) for n in shard.tensors)
-    total = sum(index[n].nbytes for n in shard.tensors)
-    mismatches = tuple(n for n in shard.tensors if n in differs)
-    return ShardCheck(len(shard.tensors), total, dict(dtypes), mismatches, shard.filename)
+    differs.update(n for n in shard.tensors if position[n] != written[n][1])
+    return differs
 
 
 def identical(a: torch.Tensor, b: torch.Tensor) -> bool:
