@@ -79,6 +79,10 @@ class PublishError(CkptError):
     """The destination cannot be written as asked (exists, differs, is the source)."""
 
 
+class DestinationBusyError(PublishError):
+    """Another live run holds the destination: a later try finds it done or free."""
+
+
 class LockLostError(PublishError):
     """This run's destination lock was taken over (judged stale) or lost: it stops writing and
     cleans up nothing, since the destination may now be another run's."""

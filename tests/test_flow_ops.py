@@ -358,6 +358,27 @@ def test_watch_retry_failed_clears_the_records(
 
 
 @pytest.mark.prefect
+def test_watch_leaves_a_destination_another_run_holds_for_the_next_run(
+    prefect_harness: None, tiny_hf_dir: Path, tmp_path: Path
+) -> None:
+    """A busy destination is not a broken checkpoint: nothing is recorded, the next run
+    converts it."""
+    from ckpt_core.errors import DestinationBusyError
+    from ckpt_core.io.lock import destination_lock
+    from flows.watch import watch_flow
+
+    root, out = tmp_path / "runs", tmp_path / "hf"
+    _checkpoint(tiny_hf_dir, root / "step1", age_seconds=1000)
+    out.mkdir()
+    busy = destination_lock(Location(str(out / "step1")))  # another run is writing it
+    with busy, pytest.raises(CkptError, match="DestinationBusyError"):
+        watch_flow(str(root), str(out), dtype="fp32")
+    assert failures(str(out)) == {}
+    assert retry.worth_another_run(DestinationBusyError("busy"))
+    assert watch_flow(str(root), str(out), dtype="fp32")["converted"] == [str(root / "step1")]
+
+
+@pytest.mark.prefect
 def test_watch_fails_when_the_root_is_missing(prefect_harness: None, tmp_path: Path) -> None:
     from flows.watch import watch_flow
 

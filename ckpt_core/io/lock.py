@@ -35,7 +35,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from ckpt_core.errors import LockLostError, PublishError
+from ckpt_core.errors import DestinationBusyError, LockLostError, PublishError
 from ckpt_core.io.lock_object import MAX_LOCK_BYTES, Conflict, LockObject, parse_owner
 from ckpt_core.io.storage import Location
 
@@ -83,8 +83,8 @@ def _describe(owner: dict[str, Any] | None) -> str:
     )
 
 
-def _busy(dst: Location, owner: dict[str, Any] | None, lock_name: str) -> PublishError:
-    return PublishError(
+def _busy(dst: Location, owner: dict[str, Any] | None, lock_name: str) -> DestinationBusyError:
+    return DestinationBusyError(
         f"{dst.url}: {_describe(owner)} is writing this destination; wait for it to finish and "
         f"run again (a rerun then finds the output or resumes it). A lock left by a crashed run "
         f"elsewhere is {lock_name} beside the destination; it expires on its own"

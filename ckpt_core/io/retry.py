@@ -15,6 +15,7 @@ from typing import TypeVar
 
 from ckpt_core.errors import (
     CkptError,
+    DestinationBusyError,
     StorageFullError,
     StorageRefusedError,
     StorageUnavailableError,
@@ -174,9 +175,12 @@ def is_transient(error: BaseException) -> bool:
 def worth_another_run(error: BaseException) -> bool:
     """For an orchestrator's retry of a whole step (a Prefect task): a transient error, or
     transient errors that outlasted this module's IO retries (`StorageUnavailableError`): a
-    later try may find the store back. A refused permission, a missing file, a bad input or an
-    unknown error no."""
-    return isinstance(error, StorageUnavailableError) or is_transient(error)
+    later try may find the store back; a destination another live run holds
+    (`DestinationBusyError`): a later try finds it done or free. A refused permission, a missing
+    file, a bad input or an unknown error no."""
+    if isinstance(error, StorageUnavailableError | DestinationBusyError):
+        return True
+    return is_transient(error)
 
 
 def call(what: str, fn: Callable[[], T], policy: RetryPolicy | None = None) -> T:
