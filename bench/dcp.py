@@ -15,8 +15,6 @@ The checkpoint is written by a real FSDP2 run (torchrun, 2 ranks, gloo) with dcp
 from __future__ import annotations
 
 import argparse
-import hashlib
-import inspect
 import json
 import os
 import resource
@@ -26,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from _measure import Figure, ratios, rss_bytes, settle, table
+from _measure import Figure, input_key, ratios, rss_bytes, settle, table
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -69,9 +67,7 @@ def generate(out: str) -> None:
 
 
 def checkpoint() -> Path:
-    key = hashlib.sha256(
-        (json.dumps(CONFIG, sort_keys=True) + inspect.getsource(generate)).encode()
-    ).hexdigest()[:12]
+    key = input_key(CONFIG, generate)
     root = OUT / f"dcp-{key}"
     if (root / "_DONE").exists():
         return root

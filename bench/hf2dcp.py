@@ -16,20 +16,17 @@ Each variant runs in its own subprocess, interleaved, and reports its wall time,
 from __future__ import annotations
 
 import argparse
-import hashlib
-import inspect
 import json
 import os
 import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import time
 import warnings
 from pathlib import Path
 
-from _measure import Figure, rss_bytes, settle, table
+from _measure import Figure, input_key, ratios, rss_bytes, settle, table
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -50,9 +47,7 @@ def generate(root: Path) -> None:
 
 
 def inputs() -> Path:
-    key = hashlib.sha256(
-        (json.dumps(CONFIG, sort_keys=True) + inspect.getsource(generate)).encode()
-    ).hexdigest()[:12]
+    key = input_key(CONFIG, generate)
     root = OUT / f"hf2dcp-{key}"
     if (root / "_DONE").exists():
         return root
@@ -132,18 +127,7 @@ def main() -> None:
     figures = {n: [Figure.of(n, r) for r in runs] for n, runs in results.items()}
     print(table(figures, size / 1e6))
     for theirs in names[1:]:
-        print(_ratios(figures["ckptflow"], figures[theirs], theirs))
-
-
-def _ratios(ours: list[Figure], theirs: list[Figure], name: str) -> str:
-    fastest = min(f.wall_s for f in ours) / min(f.wall_s for f in theirs)
-    median = statistics.median(f.wall_s for f in ours) / statistics.median(f.wall_s for f in theirs)
-    rss = max(f.peak_mib for f in ours) / max(f.peak_mib for f in theirs)
-    above = max(f.above_base_mib for f in ours) / max(f.above_base_mib for f in theirs)
-    return (
-        f"ckptflow / {name}: wall {fastest:.2f} (fastest runs), {median:.2f} (medians); "
-        f"peak RSS {rss:.3f}, above base {above:.3f}"
-    )
+        print(ratios("ckptflow", theirs, figures, targets=False))
 
 
 if __name__ == "__main__":

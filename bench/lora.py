@@ -14,8 +14,6 @@ worth of tensors; the test suite checks they are equal bit for bit.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import inspect
 import json
 import os
 import resource
@@ -25,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from _measure import Figure, ratios, rss_bytes, settle, table
+from _measure import Figure, input_key, ratios, rss_bytes, settle, table
 from dcp import CONFIG  # the same Qwen2 shape, ~251M parameters
 
 HERE = Path(__file__).resolve().parent
@@ -59,9 +57,7 @@ def generate(root: Path) -> None:
 
 
 def inputs() -> Path:
-    key = hashlib.sha256(
-        (json.dumps([CONFIG, LORA], sort_keys=True) + inspect.getsource(generate)).encode()
-    ).hexdigest()[:12]
+    key = input_key([CONFIG, LORA], generate)
     root = OUT / f"lora-{key}"
     if (root / "_DONE").exists():
         return root
