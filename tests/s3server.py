@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -95,12 +96,20 @@ class SlowProxy:
     def endpoint(self) -> str:
         return f"http://{HOST}:{self.port}"
 
+    def refuses(self) -> bool:
+        """Whether a new connection is reset at once (an outage, in a subclass)."""
+        return False
+
     def _accept(self) -> None:
         while not self.closed.is_set():
             try:
                 client, _ = self.listener.accept()
             except OSError:
                 return
+            if self.refuses():
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                client.close()  # a reset: the connection is refused mid-handshake
+                continue
             upstream = socket.create_connection((HOST, self.target_port))
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(a, b), daemon=True).start()

@@ -270,13 +270,7 @@ def finalize(target: Target, files: Sequence[FileRecord] | None = None) -> None:
     work.remove(DONE_DIR, recursive=True)
     if target.staged:
         work.remove(INCOMPLETE)
-    try:
-        work.put_bytes(SUCCESS, b"", create_only=True)
-    except FileExistsError as e:
-        raise PublishError(
-            f"{target.dst_url}: another run published this destination while this one was "
-            "writing it; nothing of this run was published over it"
-        ) from e
+    _mark_success(target, work)
     if not target.staged:
         work.remove(INCOMPLETE)
         return
@@ -315,15 +309,20 @@ def _swap_in(target: Target, work: Location, files: Sequence[FileRecord] | None)
     if files is not None:
         _check_present(dst, files)
     _fence(target)
+    _mark_success(target, dst)
+    work.remove(recursive=True)  # before the marker goes: `complete_interrupted` knows
+    dst.remove(INCOMPLETE)
+
+
+def _mark_success(target: Target, where: Location) -> None:
+    """`_SUCCESS`, created only where none is: one there means another run published first."""
     try:
-        dst.put_bytes(SUCCESS, b"", create_only=True)
+        where.put_bytes(SUCCESS, b"", create_only=True)
     except FileExistsError as e:
         raise PublishError(
             f"{target.dst_url}: another run published this destination while this one was "
             "writing it; nothing of this run was published over it"
         ) from e
-    work.remove(recursive=True)  # before the marker goes: `complete_interrupted` knows
-    dst.remove(INCOMPLETE)
 
 
 def _listed(work: Location, skip: Sequence[str] = ()) -> dict[str, str]:

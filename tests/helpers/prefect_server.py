@@ -9,8 +9,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -202,19 +200,8 @@ class OutageProxy(SlowProxy):
         self.down.set()
         threading.Timer(seconds, self.down.clear).start()
 
-    def _accept(self) -> None:
-        while not self.closed.is_set():
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            if self.down.is_set():
-                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                client.close()  # a reset: the connection is refused mid-handshake
-                continue
-            upstream = socket.create_connection((HOST, self.target_port))
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+    def refuses(self) -> bool:
+        return self.down.is_set()
 
 
 class Webhook:
